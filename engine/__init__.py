@@ -1,0 +1,1 @@
+"""reelsift engine: CLI, pipeline assembly, table schemas and I/O."""
