@@ -138,6 +138,23 @@ CLIP_CAPTION_FIELDS: list[pa.Field] = [
     ),
 ]
 
+# Transient frame columns: decoded RGB frames handed from the frame-extraction
+# stage to the model stage that consumes them, which drops them. They never
+# reach the written table. One set per consumer (e.g. "aesthetic", "embed",
+# "caption"): raw uint8 HWC frames, their source-frame indices within the
+# clip, and their (height, width).
+def frame_fields(consumer: str) -> list[pa.Field]:
+    return [
+        pa.field(f"{consumer}_frames", pa.list_(pa.large_binary())),
+        pa.field(f"{consumer}_frame_indices", pa.list_(pa.int64())),
+        pa.field(f"{consumer}_frame_hw", pa.list_(pa.int32(), 2)),
+    ]
+
+
+def frame_columns(consumer: str) -> list[str]:
+    return [f.name for f in frame_fields(consumer)]
+
+
 CLIP_BASE_SCHEMA = pa.schema(CLIP_BASE_FIELDS)
 
 

@@ -107,3 +107,21 @@ def decode_rgb_bytes(data: bytes, width: int | None = None, height: int | None =
         w = width or 0
         return np.zeros((0, h, w, 3), dtype=np.uint8)
     return np.stack(out)
+
+
+def pack_frames(frames: np.ndarray, indices: list[int] | np.ndarray) -> tuple[list[bytes], list[int], list[int]]:
+    """(N, H, W, 3) uint8 frames -> values for a consumer's transient frame
+    columns (see `engine.schema.frame_fields`)."""
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) frames, got {frames.shape}")
+    return [f.tobytes() for f in frames], [int(i) for i in indices], [int(frames.shape[1]), int(frames.shape[2])]
+
+
+def unpack_frames(frames: list[bytes] | None, hw: list[int] | None) -> np.ndarray:
+    """Inverse of `pack_frames`: (N, H, W, 3) uint8 (N may be 0)."""
+    if not frames or hw is None:
+        h, w = (hw or (0, 0))
+        return np.zeros((0, h, w, 3), dtype=np.uint8)
+    h, w = int(hw[0]), int(hw[1])
+    return np.frombuffer(b"".join(frames), dtype=np.uint8).reshape(len(frames), h, w, 3)
