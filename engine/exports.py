@@ -1,0 +1,70 @@
+"""Exports of the clip table to file layouts other tools read.
+
+Blobs are read in chunks with Lance's blob reader, so an export never holds
+more than one chunk of clips in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import lance
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BLOB_COLUMNS = ("mp4", "preview_webp")
+CHUNK_ROWS = 64
+
+
+def scalar_columns(clips: lance.LanceDataset) -> list[str]:
+    return [name for name in clips.schema.names if name not in BLOB_COLUMNS]
+
+
+def write_parquet(clips: lance.LanceDataset, path: str) -> str:
+    """All non-media columns as one Parquet file (for SQL engines, pandas)."""
+    pq.write_table(clips.to_table(columns=scalar_columns(clips)), path)
+    return path
+
+
+def _chunks(clips: lance.LanceDataset) -> Iterator[tuple[list[dict[str, Any]], list[bytes | None], list[bytes | None]]]:
+    table = clips.to_table(columns=scalar_columns(clips), with_row_id=True)
+    for start in range(0, table.num_rows, CHUNK_ROWS):
+        part = table.slice(start, CHUNK_ROWS)
+        ids = part.column("_rowid").to_pylist()
+        mp4 = clips.read_blobs("mp4", ids=ids)
+        webp = clips.read_blobs("preview_webp", ids=ids)
+        yield part.drop_columns(["_rowid"]).to_pylist(), mp4, webp
+
+
+def write_nemo_layout(clips: lance.LanceDataset, root: str) -> str:
+    """NeMo Curator's layout: clips/{id}.mp4, previews/{id}.webp,
+    metas/v0/{id}.json, for users whose downstream tools read files."""
+    for sub in ("clips", "previews", os.path.join("metas", "v0")):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for rows, mp4s, webps in _chunks(clips):
+        for row, mp4, webp in zip(rows, mp4s, webps):
+            clip_id = row["clip_id"]
+            if mp4 is not None:
+                with open(os.path.join(root, "clips", f"{clip_id}.mp4"), "wb") as fh:
+                    fh.write(mp4)
+            if webp is not None:
+                with open(os.path.join(root, "previews", f"{clip_id}.webp"), "wb") as fh:
+                    fh.write(webp)
+            meta = {k: _jsonable(v) for k, v in row.items()}
+            meta["span_uuid"] = clip_id
+            meta["source_video"] = row["source_uri"]
+            meta["duration_span"] = [row["start_s"], row["end_s"]]
+            with open(os.path.join(root, "metas", "v0", f"{clip_id}.json"), "w") as fh:
+                json.dump(meta, fh, indent=1)
+    return root
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return None
+    if isinstance(value, pa.Scalar):
+        return value.as_py()
+    return value

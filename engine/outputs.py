@@ -1,0 +1,147 @@
+"""What a run leaves on disk: the two Lance tables, summary.json, exports."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import lance
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.lance_io import remove_dataset, write_table
+from engine.uris import scheme_of
+
+# Clip columns that are cheap to scan: everything but the media blobs.
+CLIP_STAT_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "num_bytes", "error"]
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    root: str
+
+    @property
+    def clips(self) -> str:
+        return _join(self.root, "clips.lance")
+
+    @property
+    def videos(self) -> str:
+        return _join(self.root, "videos.lance")
+
+    @property
+    def summary(self) -> str:
+        return _join(self.root, "summary.json")
+
+    def prepare(self, *, overwrite: bool) -> None:
+        if scheme_of(self.root):
+            return  # object stores: Lance creates prefixes on write
+        if not overwrite and (os.path.exists(self.clips) or os.path.exists(self.videos)):
+            raise FileExistsError(f"{self.root} already holds a reelsift output; pass overwrite=true to replace it")
+        # Workers write fragments into the clip dataset as they go, so the old
+        # one must be gone before the run starts.
+        remove_dataset(self.clips)
+        remove_dataset(self.videos)
+        os.makedirs(self.root, exist_ok=True)
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name if scheme_of(root) else os.path.join(root, name)
+
+
+def clip_stats(clips: lance.LanceDataset) -> pl.DataFrame:
+    columns = [c for c in CLIP_STAT_COLUMNS if c in clips.schema.names]
+    return pl.from_arrow(clips.to_table(columns=columns))
+
+
+def write_video_table(video_table: pa.Table, clips: lance.LanceDataset, layout: OutputLayout, schema: pa.Schema,
+                      storage_options: dict[str, Any] | None) -> pa.Table:
+    """The video table with per-video clip counts; a video whose clips all
+    failed gets the first clip error as its own."""
+    stats = clip_stats(clips)
+    per_video = (
+        stats.group_by("video_id")
+        .agg(
+            pl.col("error").is_null().sum().cast(pl.Int32).alias("num_clips"),
+            pl.col("error").is_not_null().sum().cast(pl.Int32).alias("num_clip_errors"),
+            pl.col("error").drop_nulls().first().alias("first_clip_error"),
+        )
+        if stats.height
+        else pl.DataFrame(schema={"video_id": pl.String, "num_clips": pl.Int32, "num_clip_errors": pl.Int32,
+                                  "first_clip_error": pl.String})
+    )
+    videos = pl.from_arrow(video_table.drop_columns([c for c in ("num_clips", "num_clip_errors")
+                                                     if c in video_table.column_names]))
+    videos = (
+        videos.join(per_video, on="video_id", how="left")
+        .with_columns(
+            pl.col("num_clips").fill_null(0),
+            pl.col("num_clip_errors").fill_null(0),
+            pl.when(pl.col("error").is_null() & (pl.col("num_clips") == 0) & pl.col("first_clip_error").is_not_null())
+            .then(pl.col("first_clip_error"))
+            .otherwise(pl.col("error"))
+            .alias("error"),
+        )
+        .drop("first_clip_error")
+        .sort("uri")
+    )
+    table = videos.to_arrow()
+    write_table(table, layout.videos, schema, storage_options)
+    return table
+
+
+def summarise(*, videos: pa.Table, clips: lance.LanceDataset, stage_times: dict[str, dict[str, float]],
+              pipeline_s: float, total_s: float, config: dict[str, Any], exports: dict[str, str]) -> dict[str, Any]:
+    stats = clip_stats(clips)
+    ok = stats.filter(pl.col("error").is_null()) if stats.height else stats
+    failed_videos = videos.filter(pc.is_valid(videos.column("error")))
+    good_videos = videos.filter(pc.is_null(videos.column("error")))
+    hours_in = float(pc.sum(good_videos.column("duration_s")).as_py() or 0.0) / 3600
+    hours_out = float((ok["end_s"] - ok["start_s"]).sum()) / 3600 if ok.height else 0.0
+    summary = {
+        "videos": videos.num_rows,
+        "videos_ok": good_videos.num_rows,
+        "videos_failed": failed_videos.num_rows,
+        "errors": [{"uri": u, "error": e} for u, e in zip(failed_videos.column("uri").to_pylist(),
+                                                        failed_videos.column("error").to_pylist())],
+        "clips": ok.height,
+        "clips_failed": stats.height - ok.height,
+        "hours_in": hours_in,
+        "hours_out": hours_out,
+        "clip_bytes": int(ok["num_bytes"].sum()) if ok.height else 0,
+        "wall_s": {"pipeline": pipeline_s, "total": total_s},
+        "stages": stage_times,
+        "exports": exports,
+        "config": config,
+    }
+    if "passed" in clips.schema.names:
+        summary["clips_passed"] = int(pc.sum(pc.fill_null(clips.to_table(columns=["passed"]).column("passed"),
+                                                          False)).as_py() or 0)
+    return summary
+
+
+def write_summary(summary: dict[str, Any], layout: OutputLayout) -> None:
+    text = json.dumps(summary, indent=2, default=str)
+    if scheme_of(layout.root):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(layout.summary)
+        with fs.open_output_stream(path) as fh:
+            fh.write(text.encode())
+    else:
+        with open(layout.summary, "w") as fh:
+            fh.write(text)
+
+
+def write_exports(export_cfg: Any, clips: lance.LanceDataset, layout: OutputLayout) -> dict[str, str]:
+    """Optional extra layouts of the clip table, for tools that want files."""
+    from engine import exports
+
+    done: dict[str, str] = {}
+    if export_cfg.get("parquet"):
+        done["parquet"] = exports.write_parquet(clips, _join(layout.root, "clips.parquet"))
+    if export_cfg.get("nemo_layout"):
+        done["nemo_layout"] = exports.write_nemo_layout(clips, layout.root)
+    return done
