@@ -15,6 +15,8 @@ import lance
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.lance_io import read_blob_bytes
+
 BLOB_COLUMNS = ("mp4", "preview_webp")
 CHUNK_ROWS = 64
 
@@ -34,8 +36,8 @@ def _chunks(clips: lance.LanceDataset) -> Iterator[tuple[list[dict[str, Any]], l
     for start in range(0, table.num_rows, CHUNK_ROWS):
         part = table.slice(start, CHUNK_ROWS)
         ids = part.column("_rowid").to_pylist()
-        mp4 = clips.read_blobs("mp4", ids=ids)
-        webp = clips.read_blobs("preview_webp", ids=ids)
+        mp4 = read_blob_bytes(clips, "mp4", ids)
+        webp = read_blob_bytes(clips, "preview_webp", ids)
         yield part.drop_columns(["_rowid"]).to_pylist(), mp4, webp
 
 

@@ -73,3 +73,9 @@ def remove_dataset(uri: str) -> None:
     directory, so the old dataset goes first."""
     if not scheme_of(uri):
         shutil.rmtree(uri, ignore_errors=True)
+
+
+def read_blob_bytes(dataset: lance.LanceDataset, column: str, row_ids: list[int]) -> list[bytes | None]:
+    """Blob payloads for `row_ids`, in that order (None for null blobs)."""
+    found = dict(dataset.read_blobs(column, ids=row_ids))
+    return [found.get(i) for i in row_ids]

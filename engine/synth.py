@@ -104,6 +104,7 @@ def write_video(
     codec: str = "libx264",
     crf: int = 12,
     gop: int = 48,
+    pix_fmt: str | None = None,
 ) -> Path:
     """Encode a synthetic video. `scenes` lists scene lengths in frames (hard
     cuts between them); otherwise one scene of `num_frames` or `seconds`."""
@@ -121,7 +122,8 @@ def write_video(
         stream = out.add_stream(codec, rate=rate)
         stream.width = width
         stream.height = height
-        stream.pix_fmt = "yuv420p"
+        # 4:2:0 needs even sizes; odd-sized videos are written 4:4:4.
+        stream.pix_fmt = pix_fmt or ("yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p")
         if codec == "libx264":
             stream.options = {"crf": str(crf), "preset": "ultrafast", "g": str(gop), "bf": "2"}
         elif codec in ("libvpx-vp9", "libvpx"):

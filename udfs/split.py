@@ -24,15 +24,21 @@ def fixed_stride_spans(
     if stride_s <= 0:
         raise ValueError("stride_s must be positive")
     clip_len = max(1, round(clip_len_s * fps))
-    stride = max(1, round(stride_s * fps))
     min_len = max(1, round(min_clip_s * fps))
     spans = []
-    for start in range(0, num_frames, stride):
+    k = 0
+    while True:
+        # Each start from its own time, not a rounded frame stride: at 29.97
+        # fps a 300-frame stride would drift 3.6 s over an hour.
+        start = round(k * stride_s * fps)
+        if start >= num_frames:
+            break
         end = min(start + clip_len, num_frames)
         if end - start >= min_len:
             spans.append((start, end))
         if end == num_frames:
             break
+        k += 1
     return spans
 
 

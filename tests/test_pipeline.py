@@ -1,0 +1,118 @@
+"""End to end through Ray Data: inputs in, Lance tables and summary out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import lance
+import pytest
+from hydra import compose, initialize_config_dir
+
+from engine.cli import CONFIG_DIR
+from engine.lance_io import read_blob_bytes
+from engine.pipeline import run
+from engine.synth import read_frame_index
+from udfs.split import fixed_stride_spans
+from udfs.video_io import decode_rgb_bytes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FPS = {"hd_30fps_23s.mp4": 30, "odd_25fps_12s.mp4": 25, "ntsc_29.97fps_5s.mkv": 30000 / 1001,
+       "tiny_24fps_1s.mp4": 24, "short_15fps_3s.mp4": 15}
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, video_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run1")
+    cfg = config(f"input={video_dir}", f"output={out}", "transcode.preset=ultrafast",
+                 "export.nemo_layout=true", "export.parquet=true")
+    return out, run(cfg)
+
+
+def test_every_span_becomes_an_exact_clip(first_run, video_frames):
+    out, summary = first_run
+    clips = lance.dataset(str(out / "clips.lance"))
+    table = clips.to_table(columns=["clip_id", "source_uri", "start_frame", "end_frame", "start_s", "end_s",
+                                    "num_frames", "fps", "error"], with_row_id=True)
+    rows = table.to_pylist()
+    assert all(r["error"] is None for r in rows)
+    by_video: dict[str, list] = {}
+    for r in rows:
+        by_video.setdefault(os.path.basename(r["source_uri"]), []).append(r)
+    expected = {name: fixed_stride_spans(n, FPS[name], clip_len_s=10, min_clip_s=2)
+                for name, n in video_frames.items()}
+    assert {n: sorted((r["start_frame"], r["end_frame"]) for r in rs) for n, rs in by_video.items()} == {
+        n: spans for n, spans in expected.items() if spans}
+    assert "tiny_24fps_1s.mp4" not in by_video  # 1 s < min_clip_s: no clip
+    # Every clip decodes to exactly its span's frames, with the right duration.
+    blobs = read_blob_bytes(clips, "mp4", table.column("_rowid").to_pylist())
+    for r, mp4 in zip(rows, blobs):
+        frames = decode_rgb_bytes(mp4)
+        assert [read_frame_index(f) for f in frames] == list(range(r["start_frame"], r["end_frame"]))
+        assert r["num_frames"] == len(frames)
+        assert r["end_s"] - r["start_s"] == pytest.approx(len(frames) / r["fps"])
+    assert summary["clips"] == len(rows) == 3 + 2 + 1 + 1
+
+
+def test_bad_inputs_are_recorded_and_counted(first_run):
+    out, summary = first_run
+    videos = {os.path.basename(r["uri"]): r for r in lance.dataset(str(out / "videos.lance")).to_table().to_pylist()}
+    assert videos["empty.mp4"]["error"] == "probe failed: ValueError: file is empty"
+    assert videos["corrupt.mp4"]["error"].startswith("probe failed:")
+    assert videos["empty.mp4"]["num_clips"] == 0
+    assert videos["hd_30fps_23s.mp4"]["num_clips"] == 3 and videos["hd_30fps_23s.mp4"]["error"] is None
+    assert videos["hd_30fps_23s.mp4"]["span_end_frames"] == [300, 600, 690]
+    assert summary["videos"] == 7 and summary["videos_failed"] == 2
+    assert {os.path.basename(e["uri"]) for e in summary["errors"]} == {"empty.mp4", "corrupt.mp4"}
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["clips"] == summary["clips"]
+    assert on_disk["hours_out"] == pytest.approx((20 + 3 + 10 + 2 + 150 / (30000 / 1001) + 3) / 3600)
+    assert set(on_disk["stages"]) == {"probe", "split_fixed_stride", "transcode", "write"}
+    assert on_disk["stages"]["transcode"]["rows_out"] == summary["clips"]
+
+
+def test_exports_match_the_table(first_run):
+    out, summary = first_run
+    clip_ids = set(lance.dataset(str(out / "clips.lance")).to_table(columns=["clip_id"]).column("clip_id").to_pylist())
+    assert {p[:-4] for p in os.listdir(out / "clips")} == clip_ids
+    assert {p[:-5] for p in os.listdir(out / "previews")} == clip_ids
+    meta = json.loads((out / "metas" / "v0" / f"{sorted(clip_ids)[0]}.json").read_text())
+    assert meta["span_uuid"] == sorted(clip_ids)[0] and len(meta["duration_span"]) == 2
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out / "clips.parquet").num_rows == len(clip_ids)
+
+
+def test_clip_ids_identical_across_runs(first_run, ray_session, good_videos, tmp_path):
+    out, _ = first_run
+    subset = [str(good_videos[n]) for n in ("odd_25fps_12s.mp4", "short_15fps_3s.mp4")]
+    cfg = config(f"input=[{','.join(subset)}]", f"output={tmp_path}", "transcode.preset=ultrafast",
+                 "preview.enabled=false")
+    run(cfg)
+    again = lance.dataset(str(tmp_path / "clips.lance")).to_table(columns=["clip_id", "source_uri"]).to_pylist()
+    before = lance.dataset(str(out / "clips.lance")).to_table(columns=["clip_id", "source_uri"]).to_pylist()
+    assert sorted(r["clip_id"] for r in again) == sorted(r["clip_id"] for r in before if r["source_uri"] in subset)
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        run(cfg)
+
+
+def test_cli_prints_config_and_runs_a_sweep(tmp_path, good_videos):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    shown = subprocess.run([sys.executable, "-m", "engine", "input=x", "output=y", "split.clip_len_s=4",
+                            "--cfg", "job"], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    assert "clip_len_s: 4" in shown.stdout and "encoder: libx264" in shown.stdout
+    video = good_videos["short_15fps_3s.mp4"]
+    swept = subprocess.run([sys.executable, "-m", "engine", "-m", f"input={video}", f"output={tmp_path / 'sweep'}",
+                            "transcode.preset=ultrafast", "transcode.crf=20,40", "ray.num_cpus=2",
+                            "ray.progress=false"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    sizes = [json.loads((tmp_path / "sweep" / f"job{i}" / "summary.json").read_text())["clip_bytes"] for i in (0, 1)]
+    assert sizes[0] > sizes[1] > 0  # crf 20 keeps more than crf 40

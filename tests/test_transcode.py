@@ -1,0 +1,130 @@
+"""The transcode stage on real media: exact frames, keyframes, audio, previews."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from engine.synth import read_frame_index, write_video
+from udfs.probe import ProbeVideos
+from udfs.split import FixedStrideSplit
+from udfs.transcode import ClipTranscoder
+from udfs.video_io import decode_rgb, decode_rgb_bytes
+
+
+def plan(uris: list[str], **split) -> pa.Table:
+    return FixedStrideSplit(**{"clip_len_s": 10.0, "min_clip_s": 2.0, **split})(ProbeVideos()(pa.table({"uri": uris})))
+
+
+def transcode(table: pa.Table, **kwargs) -> list[dict]:
+    stage = ClipTranscoder(**{"preset": "ultrafast", "crf": 18, **kwargs})
+    out = list(stage(table))
+    return pa.concat_tables(out).to_pylist() if out else []
+
+
+def assert_exact_clip(clip: dict) -> None:
+    """The clip decodes to exactly its span's source frames, keyframe first."""
+    frames = decode_rgb_bytes(clip["mp4"])
+    assert [read_frame_index(f) for f in frames] == list(range(clip["start_frame"], clip["end_frame"]))
+    assert clip["num_frames"] == len(frames) == clip["end_frame"] - clip["start_frame"]
+    with av.open(io.BytesIO(clip["mp4"])) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.codec_context.format.name == "yuv420p"
+        first = next(p for p in c.demux(stream) if p.size)
+        assert first.is_keyframe
+        assert (stream.codec_context.width, stream.codec_context.height) == (clip["width"], clip["height"])
+
+
+def test_clips_hold_exact_frames_with_audio_and_previews(good_videos):
+    clips = transcode(plan([str(good_videos["hd_30fps_23s.mp4"])]))
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 300), (300, 600), (600, 690)]
+    for clip in clips:
+        assert clip["error"] is None
+        assert_exact_clip(clip)
+        assert clip["end_s"] - clip["start_s"] == pytest.approx(clip["num_frames"] / 30)
+        with av.open(io.BytesIO(clip["mp4"])) as c:
+            audio = c.streams.audio[0]
+            samples = sum(f.samples for f in c.decode(audio))
+        # AAC adds priming/padding in whole 1024-sample frames at most.
+        expected = round((clip["end_s"] - clip["start_s"]) * 48000)
+        assert expected <= samples <= expected + 2048 and clip["has_audio"]
+        preview = Image.open(io.BytesIO(clip["preview_webp"]))
+        assert preview.format == "WEBP" and preview.is_animated
+        assert preview.n_frames == int(np.ceil(clip["num_frames"] / 30))  # 1 fps
+        assert preview.size == (320, 180)  # 240 px high by default, but never upscaled
+
+
+def test_odd_sized_444_source_is_cropped_to_even_420(good_videos):
+    clips = transcode(plan([str(good_videos["odd_25fps_12s.mp4"])]), keep_audio=False)
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 250), (250, 300)]
+    for clip in clips:
+        assert (clip["width"], clip["height"]) == (252, 140)
+        assert_exact_clip(clip)
+        assert not clip["has_audio"]
+
+
+def test_overlapping_spans_from_one_decode(good_videos):
+    table = plan([str(good_videos["short_15fps_3s.mp4"])], clip_len_s=2.0, stride_s=0.5, min_clip_s=1.0)
+    clips = transcode(table, preview={"enabled": False})
+    # Starts at round(k * 7.5); the rule stops once a clip reaches the end.
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 30), (8, 38), (15, 45)]
+    for clip in clips:
+        assert_exact_clip(clip)
+        assert clip["preview_webp"] is None
+
+
+def test_clip_ids_are_deterministic(good_videos):
+    table = plan([str(good_videos["tiny_24fps_1s.mp4"])], min_clip_s=0.5)
+    first = [c["clip_id"] for c in transcode(table)]
+    second = [c["clip_id"] for c in transcode(table)]
+    assert first == second and len(first) == 1
+
+
+def test_truncated_stream_keeps_the_good_clips(tmp_path):
+    # MPEG-TS has no index at the end: a cut-off file still demuxes up to the cut.
+    src = write_video(tmp_path / "full.ts", width=128, height=96, fps=25, seconds=30)
+    data = src.read_bytes()
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(data[: int(len(data) * 0.55)])
+    table = plan([str(cut)])
+    frames = table.column("num_frames")[0].as_py()
+    assert 300 < frames < 750
+    clips = transcode(table)
+    assert len(clips) == len(table.column("span_start_frames")[0].as_py()) >= 1
+    # The decoder conceals the final, partial frame with earlier pixels, so the
+    # reference is what a plain decode of the cut file shows, frame by frame.
+    reference = [read_frame_index(f) for f in decode_rgb(str(cut), 128, 96)]
+    assert len(reference) == frames
+    for clip in clips:
+        assert clip["error"] is None
+        shown = [read_frame_index(f) for f in decode_rgb_bytes(clip["mp4"])]
+        assert shown == reference[clip["start_frame"]:clip["end_frame"]]
+
+
+def test_span_past_the_end_is_an_error_row_not_a_crash(good_videos):
+    table = plan([str(good_videos["tiny_24fps_1s.mp4"])], min_clip_s=0.5)
+    starts = pa.array([[0, 100]], pa.list_(pa.int64()))
+    ends = pa.array([[24, 124]], pa.list_(pa.int64()))
+    table = table.set_column(table.schema.get_field_index("span_start_frames"), "span_start_frames", starts)
+    table = table.set_column(table.schema.get_field_index("span_end_frames"), "span_end_frames", ends)
+    clips = transcode(table)
+    assert clips[0]["error"] is None and clips[0]["num_frames"] == 24
+    assert clips[1]["mp4"] is None and "before this span started" in clips[1]["error"]
+
+
+def test_encoder_selection():
+    assert ClipTranscoder(encoder="auto").encoder in ("libx264", "h264_nvenc")
+    with pytest.raises(ValueError, match="unsupported encoder"):
+        ClipTranscoder(encoder="vp9")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="NVENC needs a CUDA GPU")
+def test_nvenc_clips_are_exact(good_videos):
+    clips = transcode(plan([str(good_videos["hd_30fps_23s.mp4"])]), encoder="h264_nvenc", preset="medium")
+    for clip in clips:
+        assert_exact_clip(clip)
