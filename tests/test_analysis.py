@@ -135,6 +135,21 @@ def test_each_clip_decoded_once(clips, monkeypatch):
 
 
 # -------------------------------------------------------------------- motion
+def _reference_flow(frame_mvs: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Per-block loop, NeMo's block-size order, later vectors overwrite,
+    blocks clipped to the frame."""
+    flow = np.zeros((h, w, 2), np.float64)
+    for bw, bh in ((8, 8), (16, 16), (16, 8), (8, 16)):
+        for mv in frame_mvs:
+            if (mv["w"], mv["h"]) != (bw, bh):
+                continue
+            x0, y0 = int(mv["dst_x"]) - bw // 2, int(mv["dst_y"]) - bh // 2
+            ys = slice(max(0, y0), min(h, y0 + bh))
+            xs = slice(max(0, x0), min(w, x0 + bw))
+            flow[ys, xs] = (-mv["motion_x"] / mv["motion_scale"], -mv["motion_y"] / mv["motion_scale"])
+    return flow
+
+
 def _reference_motion(mp4: bytes, fps: float = 2.0, patch: int = 256) -> tuple[float, float]:
     """Independent implementation: per-block loops over the decoder's vectors."""
     import io
@@ -154,15 +169,7 @@ def _reference_motion(mp4: bytes, fps: float = 2.0, patch: int = 256) -> tuple[f
                     mvs.append(sd.to_ndarray().copy())
     mags = []
     for frame_mvs in mvs:
-        flow = np.zeros((h, w, 2), np.float64)
-        for bw, bh in ((8, 8), (16, 16), (16, 8), (8, 16)):
-            for mv in frame_mvs:
-                if (mv["w"], mv["h"]) != (bw, bh):
-                    continue
-                x0, y0 = int(mv["dst_x"]) - bw // 2, int(mv["dst_y"]) - bh // 2
-                ys = slice(max(0, y0), min(h, y0 + bh))
-                xs = slice(max(0, x0), min(w, x0 + bw))
-                flow[ys, xs] = (-mv["motion_x"] / mv["motion_scale"], -mv["motion_y"] / mv["motion_scale"])
+        flow = _reference_flow(frame_mvs, h, w)
         mags.append(np.hypot(flow[..., 0], flow[..., 1]) / (h + w))
     mags = np.stack(mags)
     per_pixel = mags.mean(axis=0)
@@ -170,9 +177,56 @@ def _reference_motion(mp4: bytes, fps: float = 2.0, patch: int = 256) -> tuple[f
     return float(mags.mean()), float(min(patches))
 
 
+MV_DTYPE = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"),
+                     ("dst_x", "<i2"), ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"),
+                     ("motion_y", "<i4"), ("motion_scale", "<u2")], align=True)
+
+
+def _mvs(blocks: list[tuple[int, int, int, int, int, int, int]]) -> np.ndarray:
+    """(source, w, h, x0, y0, motion_x, motion_y) -> PyAV's structured array."""
+    out = np.zeros(len(blocks), MV_DTYPE)
+    for i, (src, bw, bh, x0, y0, mx, my) in enumerate(blocks):
+        out[i] = (src, bw, bh, x0, y0, x0 + bw // 2, y0 + bh // 2, 0, mx, my, 4)
+    return out
+
+
+def test_flow_field_edge_cases_match_reference():
+    from udfs.motion import cell_flow, flow_field, motion_scores
+
+    h, w = 36, 40  # W = 8 mod 16 and H not a multiple of 8: partial blocks and cells
+    mvs = _mvs([
+        (-1, 16, 16, 0, 0, 8, -4), (1, 16, 16, 0, 0, -20, 12),  # bi-predicted: the later one wins
+        (-1, 8, 8, 16, 0, 3, 5), (-1, 8, 16, 24, 0, -7, 0),
+        (-1, 16, 16, 32, 16, 40, 40),  # half outside on the right
+        (-1, 8, 8, 40, 16, 99, 99),  # wholly outside: must not touch the frame
+        (-1, 16, 8, 0, 32, 1, 1),  # crosses the bottom edge
+        (-1, 4, 4, 16, 16, 50, 50),  # a block size NeMo ignores
+    ])
+    ref = _reference_flow(mvs, h, w)
+    np.testing.assert_allclose(flow_field(mvs, h, w), ref, rtol=1e-6)
+    cells = cell_flow(mvs, h, w)
+    np.testing.assert_allclose(np.repeat(np.repeat(cells, 8, 0), 8, 1)[:h, :w], ref, rtol=1e-6)
+    assert ref[0, 0].tolist() == [5.0, -3.0] and ref[20, 39].tolist() == [-10.0, -10.0]
+    # Off the 8-px grid: the per-cell shortcut refuses, the pixel path still matches.
+    odd = _mvs([(-1, 8, 8, 4, 4, 8, 8), (-1, 16, 16, 16, 8, -4, 4)])
+    assert cell_flow(odd, h, w) is None
+    np.testing.assert_allclose(flow_field(odd, h, w), _reference_flow(odd, h, w), rtol=1e-6)
+    # Scores over two frames, with 16-px patches: a partial patch is its own patch.
+    scores = motion_scores([mvs, odd], h, w, patch=16)
+    mags = np.stack([np.hypot(*np.moveaxis(_reference_flow(m, h, w), -1, 0)) / (h + w) for m in (mvs, odd)])
+    per_pixel = mags.mean(0)
+    patches = [per_pixel[y:y + 16, x:x + 16].mean() for y in range(0, h, 16) for x in range(0, w, 16)]
+    assert scores.global_mean == pytest.approx(mags.mean(), rel=1e-6)
+    assert scores.per_patch_min == pytest.approx(min(patches), rel=1e-6)
+    assert motion_scores([], h, w) is None
+
+
 @pytest.mark.parametrize("name", ["moving", "static", "odd"])
 def test_motion_scores_match_reference(clips, name):
-    out = ClipAnalysis(motion=MOTION)(_table([(name, clips[name], None)])).to_pylist()[0]
+    stage = ClipAnalysis(motion=MOTION, decode_threads=0)  # threaded decode must not change scores
+    runs = [stage(_table([(name, clips[name], None)])).to_pylist()[0] for _ in range(4)]
+    assert len({(r["motion_global_mean"], r["motion_per_patch_min"]) for r in runs}) == 1
+    out = runs[0]
     gm, ppm = _reference_motion(clips[name])
     assert out["motion_global_mean"] == pytest.approx(gm, rel=1e-5, abs=1e-9)
     assert out["motion_per_patch_min"] == pytest.approx(ppm, rel=1e-5, abs=1e-9)
@@ -319,3 +373,28 @@ def test_aesthetic_on_gpu_close_to_cpu(clips, tiny_aesthetic):
     gpu = AestheticScorer(model=str(clip_dir), head=str(head_path), device="cuda")(analysed)
     assert gpu.column("aesthetic_score")[0].as_py() == pytest.approx(cpu.column("aesthetic_score")[0].as_py(),
                                                                      abs=0.05)
+
+
+def test_yaml_configs_build_the_stages(clips, tiny_aesthetic):
+    """Config keys == constructor kwargs (besides name/resources)."""
+    from omegaconf import OmegaConf
+
+    from udfs.aesthetic import AestheticScorer
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def kwargs(group: str) -> dict:
+        cfg = OmegaConf.to_container(OmegaConf.load(conf / group / "default.yaml"), resolve=True)
+        assert set(cfg["resources"]) == {"num_cpus", "num_gpus", "batch_size", "concurrency"}
+        return {k: v for k, v in cfg.items() if k not in ("name", "resources")}
+
+    motion = kwargs("motion")
+    assert motion["mode"] in ("disable", "score-only", "enable")
+    stage = ClipAnalysis(**kwargs("frames"), motion=motion)
+    out = stage(_table([("m", clips["moving"], None)]))
+    assert out.schema.names[3:] == [f.name for f in stage.output_fields()]
+    clip_dir, head_path, _, _ = tiny_aesthetic
+    aesthetic = {**kwargs("aesthetic"), "model": str(clip_dir), "head": str(head_path)}
+    assert aesthetic["threshold"] is None and aesthetic["reduction"] in ("min", "mean")
+    scored = AestheticScorer(**aesthetic)(out)
+    assert scored.column("aesthetic_score").null_count == 0

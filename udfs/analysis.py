@@ -58,6 +58,9 @@ def analyse_clip(
         stream = video_stream(container, threads)
         if want_motion:
             stream.codec_context.options = {"flags2": "+export_mvs"}
+            # Frame threading races the motion-vector export (scores changed
+            # run to run in tests); slice threading does not.
+            stream.thread_type = "SLICE"
         clip_fps = frame_rate(stream)
         num_frames = int(stream.frames or 0) or int(num_frames_hint or 0)
         if num_frames <= 0:

@@ -6,8 +6,9 @@ exactly as NeMo Curator's motion filter does:
 
 - only blocks of size 8x8, 16x16, 16x8 and 8x16 are used, in that order;
 - each block covers the pixels x in [dst_x - w/2, dst_x + w/2),
-  y in [dst_y - h/2, dst_y + h/2) (dst is the block centre), clamped to the
-  frame, and gets the flow `-motion / motion_scale`;
+  y in [dst_y - h/2, dst_y + h/2) (dst is the block centre), clipped to the
+  frame (see `flow_field` for the one edge case where NeMo's clamping
+  differs), and gets the flow `-motion / motion_scale`;
 - where several vectors cover a pixel (a bi-predicted block has a forward
   and a backward one) the last one written wins;
 - pixels no vector covers (intra blocks) have zero flow;
@@ -71,34 +72,75 @@ class MotionScores:
     num_frames: int
 
 
-def flow_field(mvs: np.ndarray, height: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+def _block_deltas(mvs: np.ndarray) -> np.ndarray:
+    """(N, 2) float32 flow of each vector: -motion / motion_scale."""
+    scale = mvs["motion_scale"].astype(np.float32)
+    scale[scale == 0] = 1.0
+    return np.stack([-mvs["motion_x"] / scale, -mvs["motion_y"] / scale], axis=-1).astype(np.float32)
+
+
+def flow_field(mvs: np.ndarray, height: int, width: int) -> np.ndarray:
     """Dense (H, W, 2) float32 flow from one frame's structured motion-vector
-    array (PyAV `MOTION_VECTORS` side data `.to_ndarray()`)."""
-    if out is None or out.shape != (height * width, 2):
-        out = np.zeros((height * width, 2), dtype=np.float32)
-    else:
-        out.fill(0.0)
+    array (PyAV `MOTION_VECTORS` side data `.to_ndarray()`), pixel by pixel.
+
+    Blocks are clipped to the frame. (NeMo clamps coordinates instead, which
+    lets a sub-block lying wholly outside the frame, possible when W or H is
+    8 mod 16, overwrite the last column/row; clipping keeps every pixel the
+    value of the block that actually covers it.)"""
+    out = np.zeros((height * width, 2), dtype=np.float32)
     if len(mvs):
-        w_all = mvs["w"].astype(np.int64)
-        h_all = mvs["h"].astype(np.int64)
-        scale = mvs["motion_scale"].astype(np.float32)
-        scale[scale == 0] = 1.0
-        delta = np.stack([-mvs["motion_x"] / scale, -mvs["motion_y"] / scale], axis=-1).astype(np.float32)
+        w_all, h_all = mvs["w"].astype(np.int64), mvs["h"].astype(np.int64)
+        delta = _block_deltas(mvs)
         for bw, bh in BLOCK_SIZES:
             sel = np.flatnonzero((w_all == bw) & (h_all == bh))
             if not len(sel):
                 continue
-            # (k, bw, bh) pixel coordinates of every selected block, clamped
-            # into the frame like NeMo's index clamp.
-            xs = mvs["dst_x"][sel].astype(np.int64)[:, None, None] + np.arange(-bw // 2, bw // 2)[None, :, None]
-            ys = mvs["dst_y"][sel].astype(np.int64)[:, None, None] + np.arange(-bh // 2, bh // 2)[None, None, :]
-            xs = np.clip(xs, 0, width - 1)
-            ys = np.clip(ys, 0, height - 1)
-            linear = (ys * width + xs).reshape(len(sel), -1)
-            values = np.broadcast_to(delta[sel][:, None, :], (len(sel), bw * bh, 2))
+            # (k, bh, bw) pixel coordinates of every selected block.
+            xs = mvs["dst_x"][sel].astype(np.int64)[:, None, None] + np.arange(-bw // 2, bw // 2)[None, None, :]
+            ys = mvs["dst_y"][sel].astype(np.int64)[:, None, None] + np.arange(-bh // 2, bh // 2)[None, :, None]
+            xs, ys = np.broadcast_arrays(xs, ys)
+            inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+            owner = np.broadcast_to(np.arange(len(sel))[:, None, None], xs.shape)
             # Flat fancy assignment writes in order, so later vectors win.
-            out[linear.ravel()] = values.reshape(-1, 2)
+            out[(ys * width + xs)[inside]] = delta[sel][owner[inside]]
     return out.reshape(height, width, 2)
+
+
+CELL = 8
+
+
+def cell_flow(mvs: np.ndarray, height: int, width: int) -> np.ndarray | None:
+    """The same flow at 8x8-cell resolution, (ceil(H/8), ceil(W/8), 2), or None
+    when some block is not aligned to the 8-px grid.
+
+    H.264 partitions (16x16, 16x8, 8x16, 8x8) always sit on the 8-px grid,
+    so the pixel flow is constant on every 8x8 cell: computing per cell is
+    exact and 64x less work than per pixel."""
+    hc, wc = -(-height // CELL), -(-width // CELL)
+    out = np.zeros((hc * wc, 2), dtype=np.float32)
+    if not len(mvs):
+        return out.reshape(hc, wc, 2)
+    w_all, h_all = mvs["w"].astype(np.int64), mvs["h"].astype(np.int64)
+    x0 = mvs["dst_x"].astype(np.int64) - w_all // 2
+    y0 = mvs["dst_y"].astype(np.int64) - h_all // 2
+    delta = _block_deltas(mvs)
+    for bw, bh in BLOCK_SIZES:
+        sel = np.flatnonzero((w_all == bw) & (h_all == bh))
+        if not len(sel):
+            continue
+        if np.any(x0[sel] % CELL) or np.any(y0[sel] % CELL):
+            return None
+        xs = (x0[sel] // CELL)[:, None, None] + np.arange(bw // CELL)[None, None, :]
+        ys = (y0[sel] // CELL)[:, None, None] + np.arange(bh // CELL)[None, :, None]
+        xs, ys = np.broadcast_arrays(xs, ys)
+        inside = (xs >= 0) & (xs < wc) & (ys >= 0) & (ys < hc)
+        owner = np.broadcast_to(np.arange(len(sel))[:, None, None], xs.shape)
+        out[(ys * wc + xs)[inside]] = delta[sel][owner[inside]]
+    return out.reshape(hc, wc, 2)
+
+
+def _magnitude(flow: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("...c,...c->...", flow, flow))
 
 
 def patch_mean_pool(values: np.ndarray, patch: int) -> np.ndarray:
@@ -115,22 +157,29 @@ def patch_mean_pool(values: np.ndarray, patch: int) -> np.ndarray:
     return sums / n
 
 
+def per_pixel_mean_magnitude(mv_frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """(H, W) mean over frames of |flow| / (H + W)."""
+    norm = float(height + width)
+    cells = [cell_flow(mvs, height, width) for mvs in mv_frames]
+    if all(c is not None for c in cells):
+        mean_cells = np.mean([_magnitude(c) for c in cells], axis=0, dtype=np.float64) / norm
+        # Back to pixels once per clip (each cell's pixels share its value).
+        return np.repeat(np.repeat(mean_cells, CELL, axis=0), CELL, axis=1)[:height, :width]
+    total = np.zeros((height, width), dtype=np.float64)
+    for mvs in mv_frames:
+        total += _magnitude(flow_field(mvs, height, width))
+    return total / len(mv_frames) / norm
+
+
 def motion_scores(mv_frames: list[np.ndarray], height: int, width: int, patch: int = 256) -> MotionScores | None:
     """Scores over the frames' motion vectors; None when there are none."""
     if not mv_frames:
         return None
-    per_pixel_sum = np.zeros((height, width), dtype=np.float64)
-    buffer = np.zeros((height * width, 2), dtype=np.float32)
-    norm = float(height + width)
-    for mvs in mv_frames:
-        flow = flow_field(mvs, height, width, buffer)
-        per_pixel_sum += np.sqrt(np.einsum("hwc,hwc->hw", flow, flow)) / norm
-    n = len(mv_frames)
-    per_pixel_mean = per_pixel_sum / n
+    per_pixel = per_pixel_mean_magnitude(mv_frames, height, width)
     return MotionScores(
-        global_mean=float(per_pixel_mean.mean()),
-        per_patch_min=float(patch_mean_pool(per_pixel_mean, patch).min()),
-        num_frames=n,
+        global_mean=float(per_pixel.mean()),
+        per_patch_min=float(patch_mean_pool(per_pixel, patch).min()),
+        num_frames=len(mv_frames),
     )
 
 
