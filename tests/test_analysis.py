@@ -211,13 +211,17 @@ def test_flow_field_edge_cases_match_reference():
     odd = _mvs([(-1, 8, 8, 4, 4, 8, 8), (-1, 16, 16, 16, 8, -4, 4)])
     assert cell_flow(odd, h, w) is None
     np.testing.assert_allclose(flow_field(odd, h, w), _reference_flow(odd, h, w), rtol=1e-6)
-    # Scores over two frames, with 16-px patches: a partial patch is its own patch.
-    scores = motion_scores([mvs, odd], h, w, patch=16)
-    mags = np.stack([np.hypot(*np.moveaxis(_reference_flow(m, h, w), -1, 0)) / (h + w) for m in (mvs, odd)])
-    per_pixel = mags.mean(0)
-    patches = [per_pixel[y:y + 16, x:x + 16].mean() for y in range(0, h, 16) for x in range(0, w, 16)]
-    assert scores.global_mean == pytest.approx(mags.mean(), rel=1e-6)
-    assert scores.per_patch_min == pytest.approx(min(patches), rel=1e-6)
+    # Scores with 16-px patches (a partial patch is its own patch), through the
+    # per-cell path (aligned frames, partial cells at the bottom) and the
+    # per-pixel path (an unaligned frame among them).
+    for frames in ([mvs, _mvs([(-1, 16, 16, 16, 16, 0, 2)])], [mvs, odd]):
+        scores = motion_scores(frames, h, w, patch=16)
+        mags = np.stack([np.hypot(*np.moveaxis(_reference_flow(m, h, w), -1, 0)) / (h + w) for m in frames])
+        per_pixel = mags.mean(0)
+        patches = [per_pixel[y:y + 16, x:x + 16].mean() for y in range(0, h, 16) for x in range(0, w, 16)]
+        assert scores.global_mean == pytest.approx(mags.mean(), rel=1e-6)
+        assert scores.per_patch_min == pytest.approx(min(patches), rel=1e-6)
+        assert scores.num_frames == 2
     assert motion_scores([], h, w) is None
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 import pyarrow as pa
 
 from engine.schema import CLIP_FILTER_FIELDS, CLIP_MOTION_FIELDS, frame_fields
@@ -49,8 +50,15 @@ def analyse_clip(
     *,
     num_frames_hint: int | None = None,
     threads: int = DEFAULT_DECODE_THREADS,
+    reformatters: dict[tuple[int, int, str], VideoReformatter] | None = None,
 ) -> ClipAnalysisResult:
-    """Decode `mp4` once; return each consumer's frames and the motion scores."""
+    """Decode `mp4` once; return each consumer's frames and the motion scores.
+
+    `reformatters` (one per output geometry) keep their swscale contexts
+    across frames and clips: a fresh context per frame costs more than the
+    conversion itself."""
+    if reformatters is None:
+        reformatters = {}
     want_motion = motion is not None and motion.enabled
     result = ClipAnalysisResult()
     mv_frames: list[np.ndarray] = []
@@ -91,9 +99,10 @@ def analyse_clip(
                         if (sh, sw) == (frame.height, frame.width):
                             converted[key] = frame.to_ndarray(format="rgb24")
                         else:
-                            converted[key] = frame.to_ndarray(
-                                format="rgb24", width=sw, height=sh, interpolation=key[2]
-                            )
+                            reformatter = reformatters.setdefault(key, VideoReformatter())
+                            converted[key] = reformatter.reformat(
+                                frame, width=sw, height=sh, format="rgb24", interpolation=key[2]
+                            ).to_ndarray()
                     rgb = converted[key]
                     collected[name].append(centre_crop(rgb, spec.size) if spec.crop else rgb)  # type: ignore[arg-type]
             if index >= last_needed:
@@ -136,6 +145,7 @@ class ClipAnalysis:
             known = {k: v for k, v in dict(motion).items() if k not in ("name", "resources")}
             self.motion = MotionSettings(**known)
         self.decode_threads = decode_threads
+        self._reformatters: dict[tuple[int, int, str], VideoReformatter] = {}
 
     def output_fields(self) -> list[pa.Field]:
         fields: list[pa.Field] = []
@@ -162,7 +172,12 @@ class ClipAnalysis:
                 continue
             try:
                 res = analyse_clip(
-                    mp4s[i], self.specs, self.motion, num_frames_hint=hints[i], threads=self.decode_threads
+                    mp4s[i],
+                    self.specs,
+                    self.motion,
+                    num_frames_hint=hints[i],
+                    threads=self.decode_threads,
+                    reformatters=self._reformatters,
                 )
             except Exception as exc:  # per-row failure is data, not a crash
                 new_errors[i] = f"analysis: {type(exc).__name__}: {exc}"

@@ -143,44 +143,51 @@ def _magnitude(flow: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("...c,...c->...", flow, flow))
 
 
-def patch_mean_pool(values: np.ndarray, patch: int) -> np.ndarray:
-    """Average over patch x patch tiles of a 2-D map; partial border tiles are
-    averaged over the pixels they hold."""
+def patch_mean_pool(values: np.ndarray, patch: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted average over patch x patch tiles of a 2-D map (weights: how
+    many pixels each entry stands for, 1 by default); partial border tiles
+    are averaged over what they hold."""
     h, w = values.shape
+    if weights is None:
+        weights = np.ones((h, w), dtype=np.float64)
     ph, pw = math.ceil(h / patch), math.ceil(w / patch)
-    padded = np.zeros((ph * patch, pw * patch), dtype=np.float64)
-    padded[:h, :w] = values
-    counts = np.zeros_like(padded)
-    counts[:h, :w] = 1.0
-    sums = padded.reshape(ph, patch, pw, patch).sum(axis=(1, 3))
-    n = counts.reshape(ph, patch, pw, patch).sum(axis=(1, 3))
-    return sums / n
+    sums = np.zeros((ph * patch, pw * patch), dtype=np.float64)
+    counts = np.zeros_like(sums)
+    sums[:h, :w] = values * weights
+    counts[:h, :w] = weights
+    return sums.reshape(ph, patch, pw, patch).sum(axis=(1, 3)) / counts.reshape(ph, patch, pw, patch).sum(axis=(1, 3))
 
 
-def per_pixel_mean_magnitude(mv_frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
-    """(H, W) mean over frames of |flow| / (H + W)."""
-    norm = float(height + width)
-    cells = [cell_flow(mvs, height, width) for mvs in mv_frames]
-    if all(c is not None for c in cells):
-        mean_cells = np.mean([_magnitude(c) for c in cells], axis=0, dtype=np.float64) / norm
-        # Back to pixels once per clip (each cell's pixels share its value).
-        return np.repeat(np.repeat(mean_cells, CELL, axis=0), CELL, axis=1)[:height, :width]
-    total = np.zeros((height, width), dtype=np.float64)
-    for mvs in mv_frames:
-        total += _magnitude(flow_field(mvs, height, width))
-    return total / len(mv_frames) / norm
+def _cell_areas(height: int, width: int) -> np.ndarray:
+    """Pixels of the frame inside each 8x8 cell (border cells may be partial)."""
+    rows = np.minimum(CELL, height - CELL * np.arange(-(-height // CELL)))
+    cols = np.minimum(CELL, width - CELL * np.arange(-(-width // CELL)))
+    return np.outer(rows, cols).astype(np.float64)
 
 
 def motion_scores(mv_frames: list[np.ndarray], height: int, width: int, patch: int = 256) -> MotionScores | None:
-    """Scores over the frames' motion vectors; None when there are none."""
+    """Scores over the frames' motion vectors; None when there are none.
+
+    Every frame of the clip is reduced to a per-8x8-cell magnitude map when
+    its blocks are 8-px aligned (always for H.264), which is exact since the
+    flow is constant per cell; otherwise all frames use per-pixel maps."""
     if not mv_frames:
         return None
-    per_pixel = per_pixel_mean_magnitude(mv_frames, height, width)
-    return MotionScores(
-        global_mean=float(per_pixel.mean()),
-        per_patch_min=float(patch_mean_pool(per_pixel, patch).min()),
-        num_frames=len(mv_frames),
-    )
+    norm = float(height + width)
+    cells = [cell_flow(mvs, height, width) for mvs in mv_frames]
+    if all(c is not None for c in cells) and patch % CELL == 0:
+        mean_map = np.mean([_magnitude(c) for c in cells], axis=0, dtype=np.float64) / norm
+        weights = _cell_areas(height, width)
+        pooled = patch_mean_pool(mean_map, patch // CELL, weights)
+        global_mean = float((mean_map * weights).sum() / (height * width))
+    else:
+        total = np.zeros((height, width), dtype=np.float64)
+        for mvs in mv_frames:
+            total += _magnitude(flow_field(mvs, height, width))
+        mean_map = total / len(mv_frames) / norm
+        pooled = patch_mean_pool(mean_map, patch)
+        global_mean = float(mean_map.mean())
+    return MotionScores(global_mean=global_mean, per_patch_min=float(pooled.min()), num_frames=len(mv_frames))
 
 
 def low_motion_reason(scores: MotionScores | None, settings: MotionSettings, sampled: int) -> str | None:
