@@ -402,3 +402,26 @@ def test_yaml_configs_build_the_stages(clips, tiny_aesthetic):
     assert aesthetic["threshold"] is None and aesthetic["reduction"] in ("min", "mean")
     scored = AestheticScorer(**aesthetic)(out)
     assert scored.column("aesthetic_score").null_count == 0
+
+
+def test_clip_loads_from_a_full_clipmodel_folder(tmp_path):
+    """Published CLIP checkpoints (e.g. openai/clip-vit-large-patch14) are
+    full CLIPModels; the scorer takes their vision tower + projection."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from udfs.aesthetic import load_clip
+
+    torch.manual_seed(1)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    config = CLIPConfig(text_config={**small, "vocab_size": 99}, vision_config={**small, "patch_size": 32},
+                        projection_dim=16)
+    full = CLIPModel(config).eval()
+    full.save_pretrained(tmp_path / "full")
+    vision, processor = load_clip(str(tmp_path / "full"), torch.device("cpu"), torch.float32)
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = full.get_image_features(pixel_values=pixels)
+        expected = getattr(expected, "pooler_output", expected)
+        got = vision(pixel_values=pixels).image_embeds
+    torch.testing.assert_close(got, expected)
+    assert processor.crop_size["height"] == 224

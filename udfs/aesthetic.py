@@ -76,14 +76,21 @@ def load_head(path: str) -> AestheticHead:
 def load_clip(model: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """CLIP vision tower + projection and its image processor, from a local
     folder or a hub id (a full CLIPModel checkpoint loads too)."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
     if _looks_like_path(model):
         model = os.path.expanduser(model)
         if not os.path.isdir(model):
             raise FileNotFoundError(f"CLIP model folder not found: {model}")
     try:
-        vision = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype)
+        config = AutoConfig.from_pretrained(model)
+        if config.model_type == "clip":
+            # A full CLIPModel checkpoint: take its vision half. The projection
+            # size lives on the top-level config; the nested one may be stale.
+            vision_config = config.vision_config
+            vision_config.projection_dim = config.projection_dim
+            config = vision_config
+        vision = CLIPVisionModelWithProjection.from_pretrained(model, config=config, dtype=dtype)
     except OSError as exc:
         raise FileNotFoundError(f"cannot load CLIP model {model!r}: {exc}") from exc
     try:
