@@ -162,6 +162,11 @@ class AestheticScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
+        if f"{self.consumer}_frames" not in batch.column_names:
+            raise ValueError(
+                f"AestheticScorer needs the {self.consumer!r} frame columns: add a {self.consumer!r} consumer "
+                "to frames.consumers (ClipAnalysis) before this stage"
+            )
         errors = row_errors(batch)
         frames_col = batch.column(f"{self.consumer}_frames").to_pylist()
         hw_col = batch.column(f"{self.consumer}_frame_hw").to_pylist()
