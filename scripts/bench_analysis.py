@@ -141,22 +141,25 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--image-batch", type=int, default=8)
     parser.add_argument("--skip-aesthetic", action="store_true")
+    parser.add_argument("--skip-decode", action="store_true", help="only the aesthetic measurement")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     if args.quick:
         args.clips, args.width, args.height, args.clip_seconds, args.seconds = 4, 640, 360, 2.0, 2.0
         args.image_batch, args.torch_threads = 2, 1
+    results: dict = {"setup": {k: str(v) for k, v in vars(args).items() if k != "json"}}
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        clips = make_clips(tmp, args.clips, args.width, args.height, args.fps, args.clip_seconds)
-        print(f"{len(clips)} clips {args.width}x{args.height} {args.fps} fps {args.clip_seconds:g} s, "
-              f"decode_threads={args.decode_threads}")
-        results = {"setup": {k: v for k, v in vars(args).items() if k != "json"}, **bench_decode(args, clips)}
+        if not args.skip_decode:
+            clips = make_clips(tmp, args.clips, args.width, args.height, args.fps, args.clip_seconds)
+            print(f"{len(clips)} clips {args.width}x{args.height} {args.fps} fps {args.clip_seconds:g} s, "
+                  f"decode_threads={args.decode_threads}")
+            results.update(bench_decode(args, clips))
         if not args.skip_aesthetic:
             results.update(bench_aesthetic(args, tmp))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -137,17 +137,19 @@ class AestheticScorer:
         self.vision, self.processor = load_clip(model, self.device, self.dtype)
         crop = self.processor.crop_size
         self.crop_hw = (int(crop["height"]), int(crop["width"]))
-        self.mean = torch.tensor(self.processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.mean = torch.tensor(self.processor.image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.processor.image_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> normalised (N, 3, 224, 224) pixels."""
+        """(N, H, W, 3) uint8 -> normalised (N, 3, 224, 224) float32 pixels on the device."""
         if frames.shape[1:3] == self.crop_hw:
             # Already resized and centre-cropped at extraction: the processor's
             # resize/crop would be identities, so only rescale + normalise.
-            x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+            # uint8 crosses to the device (4x less than float), then normalises there.
+            x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+            x = x.permute(0, 3, 1, 2).float() / 255.0
             return (x - self.mean) / self.std
-        return self.processor(images=list(frames), return_tensors="pt")["pixel_values"]
+        return self.processor(images=list(frames), return_tensors="pt")["pixel_values"].to(self.device)
 
     @torch.inference_mode()
     def score_frames(self, frames: np.ndarray) -> np.ndarray:
@@ -155,7 +157,7 @@ class AestheticScorer:
         out = []
         for start in range(0, len(frames), self.model_batch_size):
             pixels = self.preprocess(frames[start : start + self.model_batch_size])
-            embeds = self.vision(pixel_values=pixels.to(self.device, self.dtype)).image_embeds.float()
+            embeds = self.vision(pixel_values=pixels.to(self.dtype)).image_embeds.float()
             embeds = embeds / embeds.norm(dim=-1, keepdim=True)
             out.append(self.head(embeds).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
