@@ -96,13 +96,10 @@ def analyse_clip(
                     sh, sw = spec.scaled_hw(frame.height, frame.width)
                     key = (sh, sw, spec.interpolation.upper())
                     if key not in converted:
-                        if (sh, sw) == (frame.height, frame.width):
-                            converted[key] = frame.to_ndarray(format="rgb24")
-                        else:
-                            reformatter = reformatters.setdefault(key, VideoReformatter())
-                            converted[key] = reformatter.reformat(
-                                frame, width=sw, height=sh, format="rgb24", interpolation=key[2]
-                            ).to_ndarray()
+                        reformatter = reformatters.setdefault(key, VideoReformatter())
+                        converted[key] = reformatter.reformat(
+                            frame, width=sw, height=sh, format="rgb24", interpolation=key[2]
+                        ).to_ndarray()
                     rgb = converted[key]
                     collected[name].append(centre_crop(rgb, spec.size) if spec.crop else rgb)  # type: ignore[arg-type]
             if index >= last_needed:
