@@ -1,0 +1,259 @@
+"""Clip embeddings: one L2-normalised float32 vector per clip, plus text
+queries embedded into the same space for retrieval.
+
+Two families behind one interface (`embed_clips`, `embed_text`, `dim`,
+`model_name`):
+
+- `ClipFamilyEmbedder`: any CLIP / SigLIP checkpoint (AutoModel +
+  AutoProcessor). A clip's vector is the mean of its L2-normalised frame
+  embeddings, re-normalised.
+- `CosmosEmbed1Embedder`: NVIDIA Cosmos-Embed1 (224p/336p/448p; 8 frames per
+  clip, 768-d) through its `trust_remote_code` model, which embeds the frame
+  sequence as a video.
+
+`EmbedStage` wraps either as a pipeline stage: it reads the transient
+`embed_*` frame columns, appends `embedding`, and drops the frame columns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from engine.schema import clip_embedding_fields, frame_columns
+from udfs.models import local_model_dir, pick_device, pick_dtype
+from udfs.video_io import unpack_frames
+
+FRAME_CONSUMER = "embed"
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def uniform_subsample(frames: np.ndarray, count: int) -> np.ndarray:
+    """`count` frames spread evenly over the clip (repeats when it has fewer)."""
+    if count <= 0 or len(frames) == count or len(frames) == 0:
+        return frames
+    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
+    return frames[picks]
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers 5 returns a ModelOutput whose pooler_output is the
+    # projected embedding; 4.x returned the tensor itself.
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("pooler_output", "image_embeds", "text_embeds"):
+        value = getattr(output, key, None)
+        if value is not None:
+            return value
+    raise TypeError(f"cannot find embeddings in model output of type {type(output).__name__}")
+
+
+def _read_config(model_dir: str) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def embedding_dim(name: str, model: str) -> int:
+    """Vector size of embedder `name` for a resolved model folder, read from
+    its config without loading weights (the driver needs it for the schema)."""
+    cfg = _read_config(local_model_dir(model))
+    if name == "cosmos_embed1":
+        return int(cfg.get("embed_dim", 768))
+    if "projection_dim" in cfg:  # CLIP
+        return int(cfg["projection_dim"])
+    text_cfg = cfg.get("text_config") or {}
+    if "projection_size" in text_cfg and text_cfg["projection_size"]:  # SigLIP / SigLIP2
+        return int(text_cfg["projection_size"])
+    if "hidden_size" in text_cfg:
+        return int(text_cfg["hidden_size"])
+    raise ValueError(f"cannot tell the embedding size of {model} from its config.json")
+
+
+class ClipFamilyEmbedder:
+    """CLIP / SigLIP image-text model used as a clip embedder."""
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", frame_batch_size: int = 64) -> None:
+        from transformers import AutoModel, AutoProcessor
+
+        self.model_dir = local_model_dir(model)
+        self.model_name = model
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.frame_batch_size = frame_batch_size
+        self.processor = AutoProcessor.from_pretrained(self.model_dir)
+        self.model = AutoModel.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
+        model_type = getattr(self.model.config, "model_type", "")
+        # SigLIP was trained on max-length padded text; CLIP on dynamic padding.
+        self._text_padding = "max_length" if model_type.startswith("siglip") else True
+        self.dim = embedding_dim("clip", self.model_dir)
+
+    @torch.inference_mode()
+    def _image_features(self, frames: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for start in range(0, len(frames), self.frame_batch_size):
+            chunk = frames[start : start + self.frame_batch_size]
+            inputs = self.processor(images=chunk, return_tensors="pt")
+            pixels = inputs["pixel_values"].to(self.device, self.dtype)
+            out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed_clips(self, clips: list[np.ndarray]) -> np.ndarray:
+        """(T_i, H, W, 3) uint8 per clip -> (n, dim) unit vectors.
+
+        Frames of all clips go through the model together in fixed-size
+        chunks, so a clip with many frames does not stall a batch of short ones.
+        """
+        if any(len(c) == 0 for c in clips):
+            raise ValueError("every clip needs at least one frame")
+        frames = [f for clip in clips for f in clip]
+        per_frame = l2_normalize(self._image_features(frames))
+        bounds = np.cumsum([0] + [len(c) for c in clips])
+        means = np.stack([per_frame[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+        return l2_normalize(means)
+
+    @torch.inference_mode()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        inputs = self.processor(text=list(texts), padding=self._text_padding, truncation=True, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        return l2_normalize(_features(self.model.get_text_features(**inputs)).float().cpu().numpy())
+
+
+class CosmosEmbed1Embedder:
+    """Cosmos-Embed1 video-text embedder (remote code from the checkpoint).
+
+    The model card's API: `processor(videos=uint8 (B, T, C, H, W))` then
+    `model.get_video_embeddings(**inputs).visual_proj`; text through
+    `processor(text=...)` and `model.get_text_embeddings(**inputs).text_proj`.
+    """
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", num_frames: int = 8) -> None:
+        from transformers import AutoModel, AutoProcessor
+
+        self.model_dir = local_model_dir(model)
+        self.model_name = model
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.num_frames = num_frames
+        self.processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=True)
+        self.model = (
+            AutoModel.from_pretrained(self.model_dir, trust_remote_code=True).to(self.device, dtype=self.dtype).eval()
+        )
+        self.dim = embedding_dim("cosmos_embed1", self.model_dir)
+
+    @torch.inference_mode()
+    def embed_clips(self, clips: list[np.ndarray]) -> np.ndarray:
+        if any(len(c) == 0 for c in clips):
+            raise ValueError("every clip needs at least one frame")
+        out = np.zeros((len(clips), self.dim), np.float32)
+        # The model takes one (B, T, C, H, W) array: group clips of one frame size.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault(clip.shape[1:3], []).append(i)
+        for members in groups.values():
+            batch = np.stack([uniform_subsample(clips[i], self.num_frames) for i in members])
+            batch = np.ascontiguousarray(batch.transpose(0, 1, 4, 2, 3))
+            inputs = self.processor(videos=batch).to(self.device, dtype=self.dtype)
+            emb = self.model.get_video_embeddings(**inputs).visual_proj
+            out[members] = emb.float().cpu().numpy()
+        return l2_normalize(out)
+
+    @torch.inference_mode()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        inputs = self.processor(text=list(texts)).to(self.device, dtype=self.dtype)
+        return l2_normalize(self.model.get_text_embeddings(**inputs).text_proj.float().cpu().numpy())
+
+
+EMBEDDERS = {"clip": ClipFamilyEmbedder, "cosmos_embed1": CosmosEmbed1Embedder}
+
+
+def load_embedder(name: str, model: str, **kwargs: Any) -> ClipFamilyEmbedder | CosmosEmbed1Embedder:
+    try:
+        cls = EMBEDDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown embedder {name!r}; expected one of {sorted(EMBEDDERS)}") from None
+    return cls(model, **kwargs)
+
+
+class EmbedStage:
+    """Pipeline stage: `embed_*` frame columns in, `embedding` out.
+
+    Config node `embed` (conf/embed/<name>.yaml): `name` picks the embedder,
+    `model`/`device`/`dtype`/`frames` are passed here. `frames.count` is the
+    number of frames per clip the model sees (frames are resampled uniformly
+    when extraction delivered a different number).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        frames: dict[str, Any] | None = None,
+        frame_batch_size: int = 64,
+        revision: str | None = None,  # used by the driver's resolve step only
+    ) -> None:
+        self.name = name
+        self.frame_count = int((frames or {}).get("count", 0) or 0)
+        kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+        if name == "clip":
+            kwargs["frame_batch_size"] = frame_batch_size
+        elif self.frame_count:
+            kwargs["num_frames"] = self.frame_count
+        self.embedder = load_embedder(name, model, **kwargs)
+        self.dim = self.embedder.dim
+        self.field = clip_embedding_fields(self.dim)[0]
+
+    def metadata(self) -> dict[str, str]:
+        """Facts for the clip table's metadata: which space the vectors live in."""
+        return {"embedding_model": self.embedder.model_name, "embedding_name": self.name, "embedding_dim": str(self.dim)}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        frames_col, _, hw_col = frame_columns(FRAME_CONSUMER)
+        frames = batch.column(frames_col).to_pylist()
+        hws = batch.column(hw_col).to_pylist()
+        errors = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
+
+        todo: list[int] = []
+        clips: list[np.ndarray] = []
+        for row, (err, packed, hw) in enumerate(zip(errors, frames, hws)):
+            if err is not None:
+                continue
+            clip = unpack_frames(packed, hw)
+            if len(clip) == 0:
+                errors[row] = "embed: no frames extracted"
+                continue
+            if self.frame_count and self.name == "clip":
+                clip = uniform_subsample(clip, self.frame_count)
+            todo.append(row)
+            clips.append(clip)
+
+        vectors: list[list[float] | None] = [None] * batch.num_rows
+        if clips:
+            try:
+                emb = self.embedder.embed_clips(clips)
+            except Exception as exc:  # noqa: BLE001 - a bad batch marks its rows, the run goes on
+                for row in todo:
+                    errors[row] = f"embed: {type(exc).__name__}: {exc}"
+            else:
+                if emb.shape[1] != self.dim:
+                    raise RuntimeError(f"embedder returned {emb.shape[1]}-d vectors, config says {self.dim}")
+                for row, vec in zip(todo, emb):
+                    vectors[row] = vec.tolist()
+
+        out = batch.drop_columns([c for c in frame_columns(FRAME_CONSUMER) if c in batch.column_names])
+        if "error" in out.column_names:
+            out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+        return out.append_column(self.field, pa.array(vectors, type=self.field.type))
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        return self.embedder.embed_text(texts)
