@@ -294,3 +294,42 @@ def test_vllm_backend_needs_gpu(models) -> None:
         pytest.skip("GPU present: vLLM availability decides")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         CaptionStage(model=models["qwen_vl"], backend="vllm")
+
+
+# ------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "path, cls_name",
+    [("conf/embed/clip.yaml", "clip"), ("conf/embed/cosmos_embed1.yaml", "cosmos_embed1"),
+     ("conf/caption/qwen_vl.yaml", "qwen_vl")],
+)
+def test_yaml_keys_are_constructor_kwargs(path, cls_name) -> None:
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from udfs.caption import CAPTION_STAGES
+    from udfs.embed import EMBED_STAGES
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = OmegaConf.to_container(OmegaConf.load(root / path))
+    assert cfg["name"] == cls_name and set(cfg["resources"]) == {"num_cpus", "num_gpus", "batch_size", "concurrency"}
+    cls = {**EMBED_STAGES, **CAPTION_STAGES}[cls_name]
+    base = cls.__mro__[1] if cls_name in EMBED_STAGES else cls
+    params = set(inspect.signature(base.__init__).parameters) - {"self", "name"}
+    assert set(cfg) - {"name", "resources"} <= params
+    assert cfg["frames"]["policy"] in ("uniform", "sequence")
+
+
+def test_stage_built_from_yaml_with_local_model(models, videos) -> None:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from udfs.embed import EMBED_STAGES
+
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/embed/clip.yaml"))
+    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "resources")} | {"model": models["clip"]}
+    stage = EMBED_STAGES[cfg["name"]](**resolve_stage_models(kwargs))
+    out = stage(clip_table(embed_rows(videos)[:1]))
+    assert len(out.column("embedding")[0].as_py()) == 24

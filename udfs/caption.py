@@ -453,3 +453,7 @@ class CaptionStage:
         for field in CLIP_CAPTION_FIELDS:
             out = out.append_column(field, pa.array(values[field.name], type=field.type))
         return out
+
+
+# conf/caption/<name>.yaml `name` -> stage class (`none` adds no stage).
+CAPTION_STAGES: dict[str, type[CaptionStage]] = {"qwen_vl": CaptionStage}

@@ -257,3 +257,23 @@ class EmbedStage:
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         return self.embedder.embed_text(texts)
+
+
+class ClipEmbedStage(EmbedStage):
+    """`embed=clip`: CLIP / SigLIP family."""
+
+    def __init__(self, **params: Any) -> None:
+        params.pop("name", None)
+        super().__init__(name="clip", **params)
+
+
+class CosmosEmbed1Stage(EmbedStage):
+    """`embed=cosmos_embed1`: Cosmos-Embed1 224p/336p/448p."""
+
+    def __init__(self, **params: Any) -> None:
+        params.pop("name", None)
+        super().__init__(name="cosmos_embed1", **params)
+
+
+# conf/embed/<name>.yaml `name` -> stage class (`none` adds no stage).
+EMBED_STAGES: dict[str, type[EmbedStage]] = {"clip": ClipEmbedStage, "cosmos_embed1": CosmosEmbed1Stage}
