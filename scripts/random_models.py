@@ -270,3 +270,138 @@ def build_qwen2_lm(
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return str(out_dir)
+
+
+# ---------------------------------------------------------- Cosmos-Embed1 stand-in
+# Cosmos-Embed1 ships its architecture as remote code inside its checkpoint,
+# which cannot be fetched here. This stand-in is a tiny remote-code checkpoint
+# with the same surface (AutoModel/AutoProcessor with trust_remote_code,
+# processor(videos=uint8 (B,T,C,H,W))["videos"], processor.num_video_frames,
+# get_video_embeddings(videos=).visual_proj, get_text_embeddings(**text).text_proj,
+# config.embed_dim), so the embedder's loading and calling code is exercised.
+_STANDIN_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class StandinEmbedConfig(PretrainedConfig):
+    model_type = "reelsift_video_text_standin"
+
+    def __init__(self, embed_dim=16, resolution=32, num_video_frames=8, vocab_size=300, width=8, **kwargs):
+        self.embed_dim = embed_dim
+        self.resolution = resolution
+        self.num_video_frames = num_video_frames
+        self.vocab_size = vocab_size
+        self.width = width
+        super().__init__(**kwargs)
+'''
+
+_STANDIN_MODELING = '''
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_standin import StandinEmbedConfig
+
+
+@dataclass
+class VideoOutput(ModelOutput):
+    visual_proj: torch.FloatTensor | None = None
+
+
+@dataclass
+class TextOutput(ModelOutput):
+    text_proj: torch.FloatTensor | None = None
+
+
+class StandinEmbedModel(PreTrainedModel):
+    config_class = StandinEmbedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.patch = torch.nn.Conv2d(3, config.width, 8, 8)
+        self.video_proj = torch.nn.Linear(config.width * config.num_video_frames, config.embed_dim)
+        self.token = torch.nn.Embedding(config.vocab_size, config.embed_dim)
+        self.text_proj = torch.nn.Linear(config.embed_dim, config.embed_dim)
+        self.post_init()
+
+    def get_video_embeddings(self, videos):
+        b, t = videos.shape[:2]
+        x = self.patch(videos.flatten(0, 1)).mean(dim=(-1, -2)).view(b, t * self.config.width)
+        return VideoOutput(visual_proj=F.normalize(self.video_proj(x), dim=-1))
+
+    def get_text_embeddings(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).to(self.token.weight.dtype)
+        x = (self.token(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return TextOutput(text_proj=F.normalize(self.text_proj(x), dim=-1))
+'''
+
+_STANDIN_PROCESSING = '''
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import BatchFeature, PreTrainedTokenizerFast
+
+
+class StandinEmbedProcessor:
+    def __init__(self, tokenizer, resolution, num_video_frames):
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.num_video_frames = num_video_frames
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoProcessor"):
+        cls._auto_class = auto_class
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        with open(os.path.join(path, "preprocessor_config.json")) as f:
+            cfg = json.load(f)
+        return cls(PreTrainedTokenizerFast.from_pretrained(path), cfg["resolution"], cfg["num_video_frames"])
+
+    def __call__(self, videos=None, text=None, return_tensors="pt"):
+        if videos is not None:
+            v = torch.from_numpy(np.asarray(videos)).float() / 255.0
+            b, t, c, h, w = v.shape
+            v = F.interpolate(v.flatten(0, 1), size=(self.resolution, self.resolution), mode="bilinear")
+            return BatchFeature({"videos": v.view(b, t, c, self.resolution, self.resolution)})
+        enc = self.tokenizer(list(text), padding=True, return_tensors="pt")
+        return BatchFeature({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+'''
+
+
+def build_video_text_standin(out_dir: str | Path, *, embed_dim: int = 16, resolution: int = 32,
+                             num_video_frames: int = 8, seed: int = 0) -> str:
+    """Tiny remote-code video-text embedder with Cosmos-Embed1's calling surface."""
+    import json
+
+    from transformers import AutoConfig, AutoModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "configuration_standin.py").write_text(_STANDIN_CONFIG)
+    (out / "modeling_standin.py").write_text(_STANDIN_MODELING)
+    (out / "processing_standin.py").write_text(_STANDIN_PROCESSING)
+    tok = _clip_tokenizer(300, 32)
+    tok.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "auto_map": {"AutoProcessor": "processing_standin.StandinEmbedProcessor"},
+        "resolution": resolution, "num_video_frames": num_video_frames,
+    }))
+    (out / "config.json").write_text(json.dumps({
+        "model_type": "reelsift_video_text_standin",
+        "auto_map": {"AutoConfig": "configuration_standin.StandinEmbedConfig",
+                     "AutoModel": "modeling_standin.StandinEmbedModel"},
+        "embed_dim": embed_dim, "resolution": resolution, "num_video_frames": num_video_frames,
+        "vocab_size": len(tok),
+    }))
+    config = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config, trust_remote_code=True)
+    model.save_pretrained(out)
+    return str(out)

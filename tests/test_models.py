@@ -333,3 +333,30 @@ def test_stage_built_from_yaml_with_local_model(models, videos) -> None:
     stage = EMBED_STAGES[cfg["name"]](**resolve_stage_models(kwargs))
     out = stage(clip_table(embed_rows(videos)[:1]))
     assert len(out.column("embedding")[0].as_py()) == 24
+
+
+# ------------------------------------------------- Cosmos-Embed1 calling surface
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from scripts.random_models import build_video_text_standin
+
+    return build_video_text_standin(tmp_path_factory.mktemp("models") / "video_text_standin", embed_dim=16)
+
+
+def test_cosmos_embed1_stage_on_remote_code_checkpoint(standin, videos) -> None:
+    """The Cosmos-Embed1 path (trust_remote_code AutoModel/AutoProcessor, 8-frame
+    video batches, text tower) on a tiny checkpoint with the same API."""
+    from udfs.embed import EMBED_STAGES
+
+    stage = EMBED_STAGES["cosmos_embed1"](model=standin, frames={"policy": "uniform", "count": 8, "size": 32})
+    assert stage.embedder.num_frames == 8 and stage.dim == 16
+    rows = embed_rows(videos, count=12)  # more frames than the model takes: resampled to 8
+    out = stage(clip_table(rows))
+    vectors = out.column("embedding").to_pylist()
+    emb = np.asarray(vectors[:3], dtype=np.float32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(emb[0], emb[2])
+    assert not np.allclose(emb[0], emb[1]) and vectors[3] is None
+    q = stage.embed_text(["a cat on a red mat"])
+    assert q.shape == (1, 16)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)

@@ -126,23 +126,39 @@ class ClipFamilyEmbedder:
         return l2_normalize(_features(self.model.get_text_features(**inputs)).float().cpu().numpy())
 
 
+def _transformers_compat_for_remote_code() -> None:
+    """Cosmos-Embed1's remote code imports helpers from `transformers.modeling_utils`
+    that newer transformers keep only in `transformers.pytorch_utils`; alias them."""
+    from transformers import modeling_utils
+
+    try:
+        from transformers import pytorch_utils
+    except ImportError:  # pragma: no cover - very old transformers
+        return
+    for name in ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer"):
+        if not hasattr(modeling_utils, name) and hasattr(pytorch_utils, name):
+            setattr(modeling_utils, name, getattr(pytorch_utils, name))
+
+
 class CosmosEmbed1Embedder:
     """Cosmos-Embed1 video-text embedder (remote code from the checkpoint).
 
-    The model card's API: `processor(videos=uint8 (B, T, C, H, W))` then
-    `model.get_video_embeddings(**inputs).visual_proj`; text through
-    `processor(text=...)` and `model.get_text_embeddings(**inputs).text_proj`.
+    The checkpoint's API: `processor(videos=uint8 (B, T, C, H, W))["videos"]`
+    into `model.get_video_embeddings(videos=...).visual_proj`; text through
+    `processor(text=[...])` into `model.get_text_embeddings(**inputs).text_proj`.
+    The processor's `num_video_frames` (8) is how many frames a clip gets.
     """
 
-    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", num_frames: int = 8) -> None:
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", num_frames: int | None = None) -> None:
         from transformers import AutoModel, AutoProcessor
 
+        _transformers_compat_for_remote_code()
         self.model_dir = local_model_dir(model)
         self.model_name = model
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
-        self.num_frames = num_frames
         self.processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=True)
+        self.num_frames = int(num_frames or getattr(self.processor, "num_video_frames", 8))
         self.model = (
             AutoModel.from_pretrained(self.model_dir, trust_remote_code=True).to(self.device, dtype=self.dtype).eval()
         )
@@ -153,21 +169,21 @@ class CosmosEmbed1Embedder:
         if any(len(c) == 0 for c in clips):
             raise ValueError("every clip needs at least one frame")
         out = np.zeros((len(clips), self.dim), np.float32)
-        # The model takes one (B, T, C, H, W) array: group clips of one frame size.
-        groups: dict[tuple[int, int], list[int]] = {}
+        # The processor takes one (B, T, C, H, W) array: group clips of one frame size.
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i, clip in enumerate(clips):
-            groups.setdefault(clip.shape[1:3], []).append(i)
+            groups.setdefault(tuple(clip.shape[1:3]), []).append(i)
         for members in groups.values():
             batch = np.stack([uniform_subsample(clips[i], self.num_frames) for i in members])
             batch = np.ascontiguousarray(batch.transpose(0, 1, 4, 2, 3))
-            inputs = self.processor(videos=batch).to(self.device, dtype=self.dtype)
-            emb = self.model.get_video_embeddings(**inputs).visual_proj
+            videos = self.processor(videos=batch, return_tensors="pt")["videos"].to(self.device, self.dtype)
+            emb = self.model.get_video_embeddings(videos=videos).visual_proj
             out[members] = emb.float().cpu().numpy()
         return l2_normalize(out)
 
     @torch.inference_mode()
     def embed_text(self, texts: list[str]) -> np.ndarray:
-        inputs = self.processor(text=list(texts)).to(self.device, dtype=self.dtype)
+        inputs = self.processor(text=list(texts), return_tensors="pt").to(self.device)
         return l2_normalize(self.model.get_text_embeddings(**inputs).text_proj.float().cpu().numpy())
 
 
