@@ -259,11 +259,11 @@ class CaptionEnhancer:
         temperature: float = 0.1,
         top_p: float = 0.001,
         batch_size: int = 16,
-        revision: str | None = None,  # used by the driver's resolve step only
+        revision: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model_dir = local_model_dir(model)
+        self.model_dir = local_model_dir(model, revision=revision)
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self.prompt = prompt
@@ -349,8 +349,10 @@ class CaptionStage:
         dtype: str = "auto",
         seed: int = 0,
         frames: dict[str, Any] | None = None,  # what frame extraction must deliver; read by the driver
-        revision: str | None = None,  # used by the driver's resolve step only
+        revision: str | None = None,
     ) -> None:
+        # The driver hands a resolved folder; a hub id must already be in the local cache.
+        model = local_model_dir(model, revision=revision)
         self.prompt = resolve_prompt(prompt)
         self.temperature = temperature
         self.top_p = top_p

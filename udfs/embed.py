@@ -216,9 +216,13 @@ class EmbedStage:
         dtype: str = "auto",
         frames: dict[str, Any] | None = None,
         frame_batch_size: int = 64,
-        revision: str | None = None,  # used by the driver's resolve step only
+        revision: str | None = None,
     ) -> None:
         self.name = name
+        self.model_id = model
+        self.revision = revision
+        # The driver hands a resolved folder; a hub id must already be in the local cache.
+        model = local_model_dir(model, revision=revision)
         self.frame_count = int((frames or {}).get("count", 0) or 0)
         kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         if name == "clip":
@@ -231,7 +235,10 @@ class EmbedStage:
 
     def metadata(self) -> dict[str, str]:
         """Facts for the clip table's metadata: which space the vectors live in."""
-        return {"embedding_model": self.embedder.model_name, "embedding_name": self.name, "embedding_dim": str(self.dim)}
+        meta = {"embedding_model": self.model_id, "embedding_name": self.name, "embedding_dim": str(self.dim)}
+        if self.revision:
+            meta["embedding_model_revision"] = self.revision
+        return meta
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         frames_col, _, hw_col = frame_columns(FRAME_CONSUMER)

@@ -121,7 +121,7 @@ def pick_dtype(device: str, dtype: str = "auto") -> torch.dtype:
     return torch.float32
 
 
-def local_model_dir(model: str) -> str:
+def local_model_dir(model: str, revision: str | None = None) -> str:
     """What an actor loads from: the folder the driver resolved.
 
     Actors accept a hub id too (for direct use outside the pipeline), but
@@ -132,7 +132,7 @@ def local_model_dir(model: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return check_model_dir(snapshot_download(repo_id=model, local_files_only=True))
+        return check_model_dir(snapshot_download(repo_id=model, revision=revision, local_files_only=True))
     except ModelNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001
