@@ -360,3 +360,40 @@ def test_cosmos_embed1_stage_on_remote_code_checkpoint(standin, videos) -> None:
     q = stage.embed_text(["a cat on a red mat"])
     assert q.shape == (1, 16)
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+
+
+def test_hub_id_resolves_offline_from_cache(models, tmp_path, monkeypatch) -> None:
+    """A hub id that was downloaded once resolves offline, at the pinned revision."""
+    import shutil
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--acme--tiny-clip"
+    shutil.copytree(models["clip"], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expected = str(repo / "snapshots" / sha)
+    assert resolve_model("acme/tiny-clip", cache_dir=str(tmp_path)) == expected
+    assert resolve_model("acme/tiny-clip", revision=sha, cache_dir=str(tmp_path)) == expected
+    with pytest.raises(ModelNotFoundError, match="acme/tiny-clip"):
+        resolve_model("acme/tiny-clip", revision="f" * 40, cache_dir=str(tmp_path))
+
+
+def test_windows_are_bucketed_by_size(models, videos) -> None:
+    """Windows of all clips in a batch are generated smallest-first in groups of
+    batch_size, so a long clip's big windows do not pad the short ones."""
+    stage = CaptionStage(model=models["qwen_vl"], max_new_tokens=1, batch_size=2, temperature=0.0)
+    seen: list[list[int]] = []
+    generate = stage.captioner.generate
+
+    def spy(prompt, windows, **kwargs):
+        seen.append([len(w.frames) for w in windows])
+        return generate(prompt, windows, **kwargs)
+
+    stage.captioner.generate = spy
+    out = stage(clip_table(caption_rows(videos)))
+    sizes = [n for call in seen for n in call]
+    assert all(len(call) <= 2 for call in seen)
+    assert sizes == sorted(sizes) and len(sizes) == 3  # long: 2 windows, short: 1
+    # Results still land on their own rows and windows.
+    assert [len(w) for w in out.column("caption_windows").to_pylist()[:2]] == [2, 1]
