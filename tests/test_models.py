@@ -397,3 +397,20 @@ def test_windows_are_bucketed_by_size(models, videos) -> None:
     assert sizes == sorted(sizes) and len(sizes) == 3  # long: 2 windows, short: 1
     # Results still land on their own rows and windows.
     assert [len(w) for w in out.column("caption_windows").to_pylist()[:2]] == [2, 1]
+
+
+def test_failed_generate_marks_only_its_rows(models, videos) -> None:
+    stage = CaptionStage(model=models["qwen_vl"], max_new_tokens=1, batch_size=1, temperature=0.0)
+    generate = stage.captioner.generate
+
+    def flaky(prompt, windows, **kwargs):
+        if len(windows[0].frames) == 6:  # the short clip's only window (90 frames at 2 fps)
+            raise RuntimeError("out of memory")
+        return generate(prompt, windows, **kwargs)
+
+    stage.captioner.generate = flaky
+    rows = stage(clip_table(caption_rows(videos))).to_pylist()
+    assert rows[0]["error"] is None and len(rows[0]["caption_windows"]) == 2
+    assert rows[1]["error"] == "caption: RuntimeError: out of memory"
+    assert rows[1]["caption"] is None and rows[1]["caption_windows"] is None
+    assert rows[2]["error"] == "encode failed"

@@ -114,6 +114,13 @@ def _video_prompt(tokenizer: Any, template: str | None, prompt: str) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
+def _sampling(temperature: float, top_p: float) -> dict[str, Any]:
+    """generate() kwargs: greedy at temperature 0, nucleus sampling otherwise."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False}
+
+
 class QwenVLTransformersCaptioner:
     """Qwen2-VL / Qwen2.5-VL (own frame patching, see `udfs.qwen_vision`) or
     any other VL model whose transformers processor loads (e.g. Qwen3-VL,
@@ -145,7 +152,9 @@ class QwenVLTransformersCaptioner:
         self.video_token = "<|video_pad|>"
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
+        )
         self.last_generated_tokens = 0
 
     def _inputs(self, prompt: str, windows: list[Window]) -> dict[str, torch.Tensor]:
@@ -154,12 +163,15 @@ class QwenVLTransformersCaptioner:
             inputs = self.processor(
                 text=[text] * len(windows),
                 videos=[w.frames for w in windows],
-                video_metadata=[{"fps": w.fps, "total_num_frames": len(w.frames)} for w in windows],
+                video_metadata=[
+                    {"fps": w.fps, "total_num_frames": len(w.frames), "frames_indices": list(range(len(w.frames)))}
+                    for w in windows
+                ],
                 do_sample_frames=False,
                 padding=True,
                 return_tensors="pt",
             )
-            return {k: v for k, v in inputs.items()}
+            return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         patches, grids, texts = [], [], []
         for w in windows:
             p, grid = self.patcher(w.frames)
@@ -184,13 +196,18 @@ class QwenVLTransformersCaptioner:
         self, prompt: str, windows: list[Window], *, max_new_tokens: int, temperature: float, top_p: float, seed: int
     ) -> list[str]:
         inputs = self._inputs(prompt, windows)
+        # Pixels in the model's dtype; ids, grids and rope timings as they are.
         inputs = {
-            k: (v.to(self.device, self.dtype) if v.is_floating_point() and k == "pixel_values_videos" else v.to(self.device))
+            k: v.to(self.device, self.dtype) if k.startswith("pixel_values") else v.to(self.device)
             for k, v in inputs.items()
         }
         torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **_sampling(temperature, top_p),
+        )
         new = out[:, inputs["input_ids"].shape[1] :]
         self.last_generated_tokens = int((new != self.tokenizer.pad_token_id).sum())
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -290,15 +307,14 @@ class CaptionEnhancer:
         order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            enc = self.tokenizer([self._text(captions[i]) for i in chunk], padding=True, return_tensors="pt").to(self.device)
+            texts_in = [self._text(captions[i]) for i in chunk]
+            enc = self.tokenizer(texts_in, padding=True, return_tensors="pt").to(self.device)
             torch.manual_seed(seed)
-            sampling = (
-                {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-                if self.temperature > 0
-                else {"do_sample": False}
-            )
             gen = self.model.generate(
-                **enc, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **_sampling(self.temperature, self.top_p),
             )
             texts = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(chunk, texts):
@@ -371,7 +387,9 @@ class CaptionStage:
             self.enhancer = CaptionEnhancer(enhance["model"], **opts)
         self.generated_tokens = 0  # running total, for throughput reporting
 
-    def windows_for(self, row: int, frames: np.ndarray, indices: np.ndarray, num_frames: int, fps: float) -> list[Window]:
+    def windows_for(
+        self, row: int, frames: np.ndarray, indices: np.ndarray, num_frames: int, fps: float
+    ) -> list[Window]:
         out = []
         for start, end in window_spans(num_frames, self.window_frames, self.min_window_frames):
             picks = sample_positions(indices, start, end, fps, self.sample_fps)
@@ -380,23 +398,44 @@ class CaptionStage:
             out.append(Window(row, start, end, frames[picks], _sampled_rate(indices[picks], fps, self.sample_fps)))
         return out
 
-    def caption_windows(self, windows: list[Window]) -> list[str]:
-        captions: list[str] = [""] * len(windows)
-        order = sorted(range(len(windows)), key=lambda i: windows[i].frames.shape[0] * windows[i].frames.shape[1] * windows[i].frames.shape[2])
+    def caption_windows(self, windows: list[Window]) -> tuple[list[str | None], dict[int, str]]:
+        """Caption every window; returns the captions (None where failed) and
+        the failure message per failed window index. A failed generate call
+        fails only the windows it held."""
+        captions: list[str | None] = [None] * len(windows)
+        failures: dict[int, str] = {}
+        # Smallest first (frames x pixels ~ vision tokens): similar windows share a batch.
+        order = sorted(range(len(windows)), key=lambda i: int(np.prod(windows[i].frames.shape[:3])))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            texts = self.captioner.generate(
-                self.prompt,
-                [windows[i] for i in chunk],
-                max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                seed=self.seed,
-            )
+            try:
+                texts = self.captioner.generate(
+                    self.prompt,
+                    [windows[i] for i in chunk],
+                    max_new_tokens=self.max_new_tokens,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    seed=self.seed,
+                )
+            except Exception as exc:  # noqa: BLE001 - failed windows mark their rows, the run goes on
+                failures.update({i: f"caption: {type(exc).__name__}: {exc}" for i in chunk})
+                continue
             self.generated_tokens += self.captioner.last_generated_tokens
             for i, text in zip(chunk, texts):
                 captions[i] = text
-        return captions
+        return captions, failures
+
+    def enhance_captions(self, captions: list[str | None]) -> tuple[list[str | None], dict[int, str]]:
+        enhanced: list[str | None] = [None] * len(captions)
+        if self.enhancer is None:
+            return enhanced, {}
+        todo = [i for i, c in enumerate(captions) if c is not None]
+        try:
+            for i, text in zip(todo, self.enhancer.enhance([captions[i] for i in todo], seed=self.seed)):
+                enhanced[i] = text
+        except Exception as exc:  # noqa: BLE001
+            return enhanced, {i: f"caption enhance: {type(exc).__name__}: {exc}" for i in todo}
+        return enhanced, {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         frames_col, indices_col, hw_col = frame_columns(FRAME_CONSUMER)
@@ -420,24 +459,16 @@ class CaptionStage:
             total = int(num_frames[row]) if num_frames[row] else int(idx.max()) + 1
             windows.extend(self.windows_for(row, frames, idx, total, float(fpss[row] or 0.0)))
 
-        captions: list[str] = []
-        enhanced: list[str | None] = []
-        failed: dict[int, str] = {}
-        if windows:
-            try:
-                captions = self.caption_windows(windows)
-                enhanced = self.enhancer.enhance(captions, seed=self.seed) if self.enhancer else [None] * len(captions)
-            except Exception as exc:  # noqa: BLE001 - a failed batch marks its rows, the run goes on
-                failed = {w.row: f"caption: {type(exc).__name__}: {exc}" for w in windows}
-
+        captions, failures = self.caption_windows(windows)
+        enhanced, enhance_failures = self.enhance_captions(captions)
+        for i, message in {**failures, **enhance_failures}.items():
+            errors[windows[i].row] = errors[windows[i].row] or message
         per_row: dict[int, list[dict[str, Any]]] = {}
-        if not failed:
-            for w, cap, enh in zip(windows, captions, enhanced):
+        for w, cap, enh in zip(windows, captions, enhanced):
+            if errors[w.row] is None:
                 per_row.setdefault(w.row, []).append(
                     {"start_frame": w.start_frame, "end_frame": w.end_frame, "caption": cap, "caption_enhanced": enh}
                 )
-        for row, message in failed.items():
-            errors[row] = message
 
         caption_col: list[str | None] = [None] * n
         enhanced_col: list[str | None] = [None] * n
