@@ -414,3 +414,14 @@ def test_failed_generate_marks_only_its_rows(models, videos) -> None:
     assert rows[1]["error"] == "caption: RuntimeError: out of memory"
     assert rows[1]["caption"] is None and rows[1]["caption_windows"] is None
     assert rows[2]["error"] == "encode failed"
+
+
+def test_filtered_clips_are_skipped(models, videos) -> None:
+    table = clip_table(caption_rows(videos)[:2])
+    table = table.append_column("passed", pa.array([False, True]))
+    rows = CaptionStage(model=models["qwen_vl"], max_new_tokens=1, temperature=0.0)(table).to_pylist()
+    assert rows[0]["caption_windows"] is None and rows[0]["error"] is None
+    assert [(w["start_frame"], w["end_frame"]) for w in rows[1]["caption_windows"]] == [(0, 90)]
+    emb = EmbedStage(name="clip", model=models["clip"], skip_filtered=True)
+    out = emb(clip_table(embed_rows(videos)[:2]).append_column("passed", pa.array([True, False])))
+    assert out.column("embedding").to_pylist()[1] is None and out.column("embedding")[0].as_py() is not None

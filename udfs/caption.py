@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from engine.schema import CLIP_CAPTION_FIELDS, frame_columns
+from udfs.embed import filtered_out
 from udfs.models import local_model_dir, pick_device, pick_dtype
 from udfs.video_io import unpack_frames
 
@@ -343,7 +344,8 @@ class CaptionStage:
 
     Windows of all clips in a batch are captioned together, sorted by their
     number of frames and cut into groups of `batch_size`, so one long clip
-    does not pad a whole batch.
+    does not pad a whole batch. With `skip_filtered` (default), clips the
+    filter stage rejected (`passed` false) are not captioned (null columns).
     """
 
     def __init__(
@@ -364,6 +366,7 @@ class CaptionStage:
         device: str = "auto",
         dtype: str = "auto",
         seed: int = 0,
+        skip_filtered: bool = True,
         frames: dict[str, Any] | None = None,  # what frame extraction must deliver; read by the driver
         revision: str | None = None,
     ) -> None:
@@ -378,6 +381,7 @@ class CaptionStage:
         self.min_window_frames = min_window_frames
         self.sample_fps = sample_fps
         self.seed = seed
+        self.skip_filtered = skip_filtered
         self.captioner = load_captioner(backend, model, device=device, dtype=dtype, max_pixels=max_pixels)
         self.enhancer = None
         if enhance and enhance.get("model"):
@@ -446,10 +450,11 @@ class CaptionStage:
         errors = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * n
         num_frames = batch.column("num_frames").to_pylist() if "num_frames" in batch.column_names else [None] * n
         fpss = batch.column("fps").to_pylist() if "fps" in batch.column_names else [None] * n
+        skip = filtered_out(batch) if self.skip_filtered else [False] * n
 
         windows: list[Window] = []
         for row in range(n):
-            if errors[row] is not None:
+            if errors[row] is not None or skip[row]:
                 continue
             frames = unpack_frames(packed[row], hws[row])
             if len(frames) == 0:

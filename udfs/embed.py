@@ -198,13 +198,21 @@ def load_embedder(name: str, model: str, **kwargs: Any) -> ClipFamilyEmbedder | 
     return cls(model, **kwargs)
 
 
+def filtered_out(batch: pa.Table) -> list[bool]:
+    """Rows the filter stage dropped (passed == false); all False without a filter."""
+    if "passed" not in batch.column_names:
+        return [False] * batch.num_rows
+    return [p is False for p in batch.column("passed").to_pylist()]
+
+
 class EmbedStage:
     """Pipeline stage: `embed_*` frame columns in, `embedding` out.
 
     Config node `embed` (conf/embed/<name>.yaml): `name` picks the embedder,
     `model`/`device`/`dtype`/`frames` are passed here. `frames.count` is the
     number of frames per clip the model sees (frames are resampled uniformly
-    when extraction delivered a different number).
+    when extraction delivered a different number). With `skip_filtered`,
+    clips the filter stage rejected (`passed` false) get a null embedding.
     """
 
     def __init__(
@@ -216,9 +224,11 @@ class EmbedStage:
         dtype: str = "auto",
         frames: dict[str, Any] | None = None,
         frame_batch_size: int = 64,
+        skip_filtered: bool = False,
         revision: str | None = None,
     ) -> None:
         self.name = name
+        self.skip_filtered = skip_filtered
         self.model_id = model
         self.revision = revision
         # The driver hands a resolved folder; a hub id must already be in the local cache.
@@ -245,11 +255,12 @@ class EmbedStage:
         frames = batch.column(frames_col).to_pylist()
         hws = batch.column(hw_col).to_pylist()
         errors = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
+        skip = filtered_out(batch) if self.skip_filtered else [False] * batch.num_rows
 
         todo: list[int] = []
         clips: list[np.ndarray] = []
         for row, (err, packed, hw) in enumerate(zip(errors, frames, hws)):
-            if err is not None:
+            if err is not None or skip[row]:
                 continue
             clip = unpack_frames(packed, hw)
             if len(clip) == 0:
