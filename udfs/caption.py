@@ -149,7 +149,13 @@ class QwenVLTransformersCaptioner:
             from transformers import AutoProcessor
 
             self.patcher = None
-            self.processor = AutoProcessor.from_pretrained(self.model_dir)
+            try:
+                self.processor = AutoProcessor.from_pretrained(self.model_dir)
+            except ImportError as exc:
+                raise RuntimeError(
+                    f"{self.model_type} ({self.model_dir}) needs its transformers video processor, which needs "
+                    f"torchvision ({exc}); install torchvision built for this torch, or use a Qwen2/2.5-VL checkpoint"
+                ) from exc
         self.video_token = "<|video_pad|>"
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")

@@ -64,17 +64,21 @@ def _read_config(model_dir: str) -> dict[str, Any]:
 def embedding_dim(name: str, model: str) -> int:
     """Vector size of embedder `name` for a resolved model folder, read from
     its config without loading weights (the driver needs it for the schema)."""
-    cfg = _read_config(local_model_dir(model))
+    model_dir = local_model_dir(model)
     if name == "cosmos_embed1":
-        return int(cfg.get("embed_dim", 768))
-    if "projection_dim" in cfg:  # CLIP
-        return int(cfg["projection_dim"])
-    text_cfg = cfg.get("text_config") or {}
-    if "projection_size" in text_cfg and text_cfg["projection_size"]:  # SigLIP / SigLIP2
-        return int(text_cfg["projection_size"])
-    if "hidden_size" in text_cfg:
-        return int(text_cfg["hidden_size"])
-    raise ValueError(f"cannot tell the embedding size of {model} from its config.json")
+        # Remote-code config: read the JSON rather than execute its code on the driver.
+        return int(_read_config(model_dir).get("embed_dim", 768))
+    from transformers import AutoConfig
+
+    # AutoConfig fills the defaults a checkpoint's config.json leaves out.
+    cfg = AutoConfig.from_pretrained(model_dir)
+    if getattr(cfg, "projection_dim", None):  # CLIP
+        return int(cfg.projection_dim)
+    text_cfg = getattr(cfg, "text_config", None)
+    for key in ("projection_size", "hidden_size"):  # SigLIP / SigLIP2 text head output
+        if text_cfg is not None and getattr(text_cfg, key, None):
+            return int(getattr(text_cfg, key))
+    raise ValueError(f"cannot tell the embedding size of {model} from its config")
 
 
 class ClipFamilyEmbedder:
