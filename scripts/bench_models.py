@@ -216,6 +216,8 @@ def main() -> None:
                         help="CPU caption model size (default: small with --quick, 0.5b otherwise)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even if CUDA is present")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per side, alternating ours/plain (default 2 quick, 5/4 full)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
     if args.threads:
@@ -227,13 +229,14 @@ def main() -> None:
         if args.only in (None, "embed"):
             results.append(bench_embed(work, device="cpu", clip_kwargs=VIT_B32, size=224,
                                        num_clips=8 if quick else 64, batch=8 if quick else 32,
-                                       repeats=2 if quick else 5, label="vit-b32"))
+                                       repeats=args.repeats or (2 if quick else 5), label="vit-b32"))
             print(json.dumps(results[-1]), flush=True)
         if args.only in (None, "caption"):
             preset = args.caption_size or ("small" if quick else "0.5b")
             results += bench_caption(work, device="cpu", preset=preset, num_clips=2 if quick else 4,
                                      clip_frames=512, size=224 if quick else 336,
-                                     max_new_tokens=16 if quick else 64, batch=4, repeats=2 if quick else 4,
+                                     max_new_tokens=16 if quick else 64, batch=4,
+                                     repeats=args.repeats or (2 if quick else 4),
                                      vllm=False)
             print(json.dumps(results[-1]), flush=True)
         if torch.cuda.is_available() and not args.no_gpu:
