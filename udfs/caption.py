@@ -241,7 +241,7 @@ class QwenVLVllmCaptioner:
         mm_kwargs = {"max_pixels": max_pixels} if max_pixels else None
         self.llm = LLM(
             model=self.model_dir,
-            dtype=dtype if dtype != "auto" else "auto",
+            dtype=dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             limit_mm_per_prompt={"video": 1, "image": 0},
@@ -416,8 +416,10 @@ class CaptionStage:
         failures: dict[int, str] = {}
         # Smallest first (frames x pixels ~ vision tokens): similar windows share a batch.
         order = sorted(range(len(windows)), key=lambda i: int(np.prod(windows[i].frames.shape[:3])))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        # vLLM schedules requests itself (continuous batching): hand it everything at once.
+        step = max(len(order), 1) if isinstance(self.captioner, QwenVLVllmCaptioner) else self.batch_size
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
             try:
                 texts = self.captioner.generate(
                     self.prompt,
