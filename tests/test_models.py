@@ -81,17 +81,18 @@ def embed_rows(videos: dict[str, str], count: int = 8) -> list[dict]:
 
 
 # ------------------------------------------------------------ model setup
-def test_missing_model_fails_fast_with_path(tmp_path, videos, monkeypatch) -> None:
+def test_missing_model_fails_fast_with_path(tmp_path, models) -> None:
+    """The driver's resolve step and the stage constructors (built before any
+    batch, so before any decode) fail with the path in the message."""
     missing = tmp_path / "no_such_model"
-    decoded = []
-    monkeypatch.setattr("udfs.video_io.decode_rgb", lambda *a, **k: decoded.append(a))
     with pytest.raises(ModelNotFoundError, match=str(missing)):
         resolve_stage_models({"model": str(missing)})
     with pytest.raises(ModelNotFoundError, match=str(missing)):
         EmbedStage(name="clip", model=str(missing))
     with pytest.raises(ModelNotFoundError, match=str(missing)):
         CaptionStage(model=str(missing))
-    assert decoded == []
+    with pytest.raises(ModelNotFoundError, match=str(missing)):
+        resolve_stage_models({"model": models["qwen_vl"], "enhance": {"model": str(missing)}})
 
 
 def test_folder_without_weights_is_rejected(tmp_path) -> None:
