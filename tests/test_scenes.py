@@ -281,3 +281,23 @@ def test_content_scores_ignore_motion_and_flag_dissolves(tmp_path) -> None:
                                         width=160, height=90, fps=24)
     detected = cut_frames(content_scores(decode_small_cpu(str(path), 64, 36), 24.0, gradual_s=2.0), 0.3)
     assert match_cuts(cuts, detected, tolerance=2).f1 == 1.0, (cuts, detected)
+
+
+def test_config_keys_are_constructor_kwargs() -> None:
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from udfs.scenes import ContentSplit, TransNetV2Split
+
+    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "split"
+    for name, cls in (("transnetv2", TransNetV2Split), ("content", ContentSplit)):
+        cfg = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{name}.yaml"))
+        assert cfg.pop("name") == name
+        assert {"num_cpus", "num_gpus", "batch_size", "concurrency"} <= set(cfg.pop("resources"))
+        params = inspect.signature(cls.__init__).parameters
+        assert set(cfg) == set(params) - {"self"}
+        # Defaults in code mirror the YAML.
+        for key, value in cfg.items():
+            assert params[key].default == value, (name, key)

@@ -162,7 +162,8 @@ class TransNetV2Split(_SceneSplit):
         batch_size: int = 16,
         precision: str = "auto",
         gpu_decode: bool = True,
-        decode_threads: int = 0,
+        interpolation: str = "AREA",
+        decode_threads: int = 1,
         decode_workers: int = 1,
         prefetch_videos: int = 2,
         torch_threads: int | None = None,
@@ -179,10 +180,12 @@ class TransNetV2Split(_SceneSplit):
         self.predictor = TransNetV2Predictor(weights=weights, device=device, batch_size=batch_size,
                                              precision=precision)
         self.use_gpu_decode = bool(gpu_decode) and self.predictor.device.type == "cuda"
+        self.interpolation = interpolation
         self.prefetch_videos = int(prefetch_videos)
 
     def _decode(self, video: tuple[str, float]) -> Any:
-        return decode_small(video[0], 48, 27, use_gpu=self.use_gpu_decode, threads=self.decode_threads)
+        return decode_small(video[0], 48, 27, use_gpu=self.use_gpu_decode, threads=self.decode_threads,
+                            interpolation=self.interpolation)
 
     def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
         frames = _prefetched(self._decode, videos, self.decode_workers, self.prefetch_videos)
@@ -207,7 +210,8 @@ class ContentSplit(_SceneSplit):
         width: int = 64,
         height: int = 36,
         gradual_s: float | None = 2.0,
-        decode_threads: int = 0,
+        interpolation: str = "FAST_BILINEAR",
+        decode_threads: int = 1,
         decode_workers: int = 1,
     ) -> None:
         super().__init__(threshold=threshold, min_scene_s=min_scene_s, max_scene_s=max_scene_s,
@@ -215,10 +219,12 @@ class ContentSplit(_SceneSplit):
                          decode_workers=decode_workers)
         self.width, self.height = int(width), int(height)
         self.gradual_s = gradual_s
+        self.interpolation = interpolation
 
     def _score(self, video: tuple[str, float]) -> np.ndarray:
         uri, fps = video
-        frames = decode_small_cpu(uri, self.width, self.height, threads=self.decode_threads)
+        frames = decode_small_cpu(uri, self.width, self.height, threads=self.decode_threads,
+                                  interpolation=self.interpolation)
         return content_scores(frames, float(fps or 0) or 25.0, gradual_s=self.gradual_s)
 
     def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
