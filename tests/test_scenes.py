@@ -301,3 +301,21 @@ def test_config_keys_are_constructor_kwargs() -> None:
         # Defaults in code mirror the YAML.
         for key, value in cfg.items():
             assert params[key].default == value, (name, key)
+
+
+def test_hub_id_weights_resolve_through_snapshot_download(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    from udfs.transnetv2 import resolve_weights
+
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "transnetv2.pth").write_bytes(b"x")
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_weights("someorg/transnetv2") == tmp_path / "snap" / "transnetv2.pth"
+    assert calls[0][0] == "someorg/transnetv2" and "*.pth" in calls[0][1]

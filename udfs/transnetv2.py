@@ -66,7 +66,9 @@ def preserved_global_state() -> Iterator[None]:
             del os.environ[key]
         os.environ.update(environ)
         warnings.filters[:] = filters
-        warnings._filters_mutated()  # type: ignore[attr-defined]  # drop cached filter decisions
+        mutated = getattr(warnings, "_filters_mutated", None)  # drop cached filter decisions
+        if mutated is not None:
+            mutated()
 
 
 def wheel_weights_path() -> Path:
