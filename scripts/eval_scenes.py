@@ -28,8 +28,6 @@ DETECTORS = ("transnetv2", "content")
 
 
 def build_detector(name: str, threshold: float | None = None, **kwargs):  # -> stage instance
-    import pyarrow as pa  # noqa: F401  (stage input)
-
     from udfs.scenes import ContentSplit, TransNetV2Split
 
     cls = {"transnetv2": TransNetV2Split, "content": ContentSplit}[name]

@@ -48,7 +48,7 @@ def cut_videos(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return out
 
 
-def _video_table(videos: list[dict], extra_errors: int = 0) -> pa.Table:
+def _video_table(videos: list[dict]) -> pa.Table:
     return pa.table({
         "uri": [v["uri"] for v in videos],
         "fps": [v["fps"] for v in videos],
