@@ -2,12 +2,12 @@
 
 Per frame pair (i, i+1) the change is
 
-    d[i] = (hist_l1[i] + min(1, 4 * luma_diff[i])) / 2          in [0, 1]
+    d[i] = (hist_l1[i] + min(1, 4 * pixel_diff[i])) / 2          in [0, 1]
 
 where hist_l1 is half the L1 distance between the frames' normalised
 512-bin RGB histograms (3 bits per channel; 1 = disjoint colours) and
-luma_diff the mean absolute luma difference / 255. Histograms catch palette
-changes regardless of motion; the luma term catches cuts between shots of
+pixel_diff the mean absolute RGB difference / 255. Histograms catch palette
+changes regardless of motion; the pixel term catches cuts between shots of
 similar palette.
 
 Scores (the `transition_probs` of `ContentSplit`), all in [0, 1], same
@@ -15,14 +15,15 @@ convention as TransNetV2's (score i = transition between frames i and i+1):
 
 - cut strength: d[i] - max(d[i-1], d[i+1]), clipped at 0. A hard cut is a
   one-pair spike; camera motion, fades and flashes raise neighbouring pairs
-  too and cancel out. ~0.7-0.9 for a clear cut, ~0 within a shot.
+  too and cancel out. ~0.3-0.9 for a cut, ~0-0.15 within a shot.
 - gradual strength (dissolves, fades): D[i] = hist_l1 between the mean
   histograms of the `k` frames before and after the pair, minus the largest
-  single-pair luma step inside that span (so hard cuts do not count twice),
-  kept only at the centre of its local maximum. k = round(gradual_s * fps / 2).
+  single-pair pixel term inside that span (so hard cuts do not count twice),
+  kept only at the middle of the bump's span above half its height.
+  k = round(gradual_s * fps / 2).
 
 The score is max(cut, gradual). Unlike TransNetV2's, it is not a calibrated
-probability; the default threshold (conf/split/content.yaml) is 0.3.
+probability; the default threshold (conf/split/content.yaml) is 0.2.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import numpy as np
 
 HIST_BITS = 3
 HIST_BINS = 1 << (3 * HIST_BITS)
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def color_histograms(frames: np.ndarray) -> np.ndarray:
@@ -46,12 +46,12 @@ def color_histograms(frames: np.ndarray) -> np.ndarray:
 
 
 def pair_changes(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Histograms (N, 512), d (N-1,) and the luma term min(1, 4*luma_diff) (N-1,)."""
+    """Histograms (N, 512), d (N-1,) and the pixel term min(1, 4*pixel_diff) (N-1,)."""
     hist = color_histograms(frames)
     hist_l1 = 0.5 * np.abs(np.diff(hist, axis=0)).sum(axis=1)
-    luma = frames.astype(np.float32) @ _LUMA
-    luma_step = np.minimum(1.0, 4.0 * np.abs(np.diff(luma, axis=0)).mean(axis=(1, 2)) / 255.0)
-    return hist, (hist_l1 + luma_step) / 2.0, luma_step
+    pixels = frames.astype(np.int16)
+    pixel_step = np.minimum(1.0, 4.0 * np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2, 3)) / 255.0)
+    return hist, (hist_l1 + pixel_step) / 2.0, pixel_step
 
 
 def cut_strength(d: np.ndarray) -> np.ndarray:
@@ -68,7 +68,7 @@ def _window_max(x: np.ndarray, radius: int) -> np.ndarray:
     return sliding_window_view(padded, 2 * radius + 1).max(axis=1)
 
 
-def gradual_strength(hist: np.ndarray, luma_step: np.ndarray, k: int) -> np.ndarray:
+def gradual_strength(hist: np.ndarray, pixel_step: np.ndarray, k: int) -> np.ndarray:
     """Per pair (i, i+1): colour change across [i-k+1, i] vs [i+1, i+k]."""
     n_pairs = len(hist) - 1
     out = np.zeros(n_pairs, dtype=np.float32)
@@ -80,10 +80,10 @@ def gradual_strength(hist: np.ndarray, luma_step: np.ndarray, k: int) -> np.ndar
     after = (csum[i + 1 + k] - csum[i + 1]) / k
     change = 0.5 * np.abs(after - before).sum(axis=1)
     # A hard cut inside the span explains the change by itself.
-    biggest_step = _window_max(luma_step, k - 1)[i]
+    biggest_step = _window_max(pixel_step, k - 1)[i]
     strength = np.clip(change - biggest_step, 0.0, 1.0)
-    # One pair per bump: the middle of the run of pairs at the local max of
-    # the raw change (whose plateau is centred on the transition).
+    # One pair per bump, at the middle of the bump's span above half its
+    # height: for fades through black the maximum itself sits off-centre.
     is_peak = (change >= _window_max(change, k) - 1e-6) & (strength > 0)
     peaks = np.zeros_like(strength)
     run_start = None
@@ -91,8 +91,16 @@ def gradual_strength(hist: np.ndarray, luma_step: np.ndarray, k: int) -> np.ndar
         if flag and run_start is None:
             run_start = j
         elif not flag and run_start is not None:
-            mid = (run_start + j - 1) // 2
-            peaks[mid] = strength[mid]
+            top = (run_start + j - 1) // 2
+            half = change[top] / 2 + np.min(change[max(0, top - 2 * k) : top + 2 * k + 1]) / 2
+            lo = top
+            while lo > 0 and change[lo - 1] >= half and top - lo < 2 * k:
+                lo -= 1
+            hi = top
+            while hi < len(change) - 1 and change[hi + 1] >= half and hi - top < 2 * k:
+                hi += 1
+            mid = (lo + hi) // 2
+            peaks[mid] = max(peaks[mid], strength[top])
             run_start = None
     out[i] = peaks
     return out
@@ -104,10 +112,10 @@ def content_scores(frames: np.ndarray, fps: float, *, gradual_s: float | None = 
     scores = np.zeros(n, dtype=np.float32)
     if n < 2:
         return scores
-    hist, d, luma_step = pair_changes(frames)
+    hist, d, pixel_step = pair_changes(frames)
     pair_scores = cut_strength(d)
     if gradual_s:
         k = int(round(gradual_s * fps / 2))
-        pair_scores = np.maximum(pair_scores, gradual_strength(hist, luma_step, k))
+        pair_scores = np.maximum(pair_scores, gradual_strength(hist, pixel_step, k))
     scores[:-1] = pair_scores
     return scores

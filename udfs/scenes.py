@@ -202,7 +202,7 @@ class ContentSplit(_SceneSplit):
     def __init__(
         self,
         *,
-        threshold: float = 0.3,
+        threshold: float = 0.2,
         min_scene_s: float = 2.0,
         max_scene_s: float | None = 10.0,
         long_scene_mode: str = "stride",
