@@ -178,3 +178,86 @@ def make_sample_set(directory: str | Path) -> list[Path]:
         write_video(directory / "drone_480x270_24fps.mp4", width=480, height=270, fps=24, seconds=14),
         write_video(directory / "short_318x240_25fps.mp4", width=318, height=240, fps=25, seconds=4),
     ]
+
+
+# ------------------------------------------------ gradual transitions (scenes)
+TRANSITION_KINDS = ("cut", "dissolve", "fade")
+
+
+def transition_timeline(
+    scenes: list[int], transitions: list[tuple[str, int]] | None = None
+) -> tuple[list[tuple[int, int, float]], list[int]]:
+    """Per frame (scene_a, scene_b, alpha) and the ground-truth cut frames.
+
+    Scene i spans `scenes[i]` frames; boundary b (first frame of scene i+1) is
+    the ground-truth cut. A ("dissolve", L) transition blends frames
+    [b - L//2, b - L//2 + L) from scene i into scene i+1; ("fade", L) goes
+    down to black over the first half and up from black over the second
+    (scene_b == -1 marks black). ("cut", 0) is a hard cut.
+    """
+    transitions = transitions or [("cut", 0)] * (len(scenes) - 1)
+    if len(transitions) != len(scenes) - 1:
+        raise ValueError("need one transition between each pair of scenes")
+    scene_of = np.repeat(np.arange(len(scenes)), scenes)
+    timeline: list[tuple[int, int, float]] = [(int(s), int(s), 0.0) for s in scene_of]
+    cuts: list[int] = []
+    boundary = 0
+    for i, (kind, length) in enumerate(transitions):
+        if kind not in TRANSITION_KINDS:
+            raise ValueError(f"transition kind must be one of {TRANSITION_KINDS}, got {kind!r}")
+        boundary += scenes[i]
+        cuts.append(boundary)
+        if kind == "cut" or length <= 0:
+            continue
+        first = boundary - length // 2
+        if first <= boundary - scenes[i] or first + length >= boundary + scenes[i + 1]:
+            raise ValueError(f"transition {i} ({length} frames) longer than its scenes")
+        for j in range(length):
+            t = (j + 1) / (length + 1)
+            if kind == "dissolve":
+                timeline[first + j] = (i, i + 1, t)
+            elif t < 0.5:  # fade out of scene i
+                timeline[first + j] = (i, -1, t * 2)
+            else:  # fade into scene i+1
+                timeline[first + j] = (i + 1, -1, (1 - t) * 2)
+    return timeline, cuts
+
+
+def write_transition_video(
+    path: str | Path,
+    *,
+    scenes: list[int],
+    transitions: list[tuple[str, int]] | None = None,
+    width: int = 320,
+    height: int = 240,
+    fps: float | Fraction = 24,
+    crf: int = 12,
+    gop: int = 48,
+) -> tuple[Path, list[int]]:
+    """Like `write_video(scenes=...)` but with dissolves/fades between scenes.
+    Returns the path and the ground-truth cut frames (see
+    `transition_timeline`). Frames keep their index barcodes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timeline, cuts = transition_timeline(scenes, transitions)
+    rate = Fraction(fps).limit_denominator(1001)
+    renderer = SceneRenderer(width, height)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "ultrafast", "g": str(gop), "bf": "2"}
+        for i, (a, b, alpha) in enumerate(timeline):
+            img = renderer.frame(i, a).astype(np.float32)
+            if alpha > 0:
+                other = np.zeros_like(img) if b == -1 else renderer.frame(i, b).astype(np.float32)
+                img = (1 - alpha) * img + alpha * other
+            img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+            draw_barcode(img, i)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            frame.time_base = 1 / rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path, cuts

@@ -1,0 +1,231 @@
+"""Scene-aware split stages: per-frame transition scores -> clip spans.
+
+Both stages take a video-table batch (needs `uri`, `fps`, `num_frames`,
+`error`) and append `span_start_frames`, `span_end_frames` (list<int64>,
+source frame indices, end exclusive), `scene_detector` and
+`transition_probs` (one float32 per decoded frame; see each detector for
+its scale). Rows whose `error` is already set get empty span lists and null
+scene columns; a video that fails to decode gets its `error` set to
+"scene detection failed: ..." while the other rows carry on.
+
+Frame counts come from decoding, not from the probe's `num_frames`: spans
+must only name frames that exist, and probes of real files over- or
+under-count. For well-formed files the two agree.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from engine.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
+from udfs.content_detector import content_scores
+from udfs.scene_decode import decode_small, decode_small_cpu
+from udfs.scene_rules import LONG_SCENE_MODES, plan_spans
+
+log = logging.getLogger(__name__)
+
+ERROR_PREFIX = "scene detection failed: "
+_OUTPUT_FIELDS = VIDEO_SPAN_FIELDS + VIDEO_SCENE_FIELDS
+
+
+def _prefetched(fn: Callable[[Any], Any], items: list[Any], workers: int, ahead: int) -> Iterator[Any]:
+    """fn(item) for each item in order, computed up to `ahead` items early
+    on `workers` threads (PyAV and NVDEC release the GIL while decoding), so
+    decoding the next videos overlaps with inference on the current ones.
+    An exception is returned in place of the result."""
+
+    def safe(item: Any) -> Any:
+        try:
+            return fn(item)
+        except Exception as exc:  # recorded per row by the caller
+            return exc
+
+    if workers <= 0:
+        for item in items:
+            yield safe(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scene-decode") as pool:
+        queue: collections.deque[Future[Any]] = collections.deque()
+        it = iter(items)
+        for item in it:
+            queue.append(pool.submit(safe, item))
+            if len(queue) > ahead:
+                break
+        while queue:
+            yield queue.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append(pool.submit(safe, nxt))
+
+
+class _SceneSplit:
+    """Shared table handling and span rules; subclasses produce scores."""
+
+    detector_name = ""
+
+    def __init__(
+        self,
+        *,
+        threshold: float,
+        min_scene_s: float,
+        max_scene_s: float | None,
+        long_scene_mode: str,
+        crop_s: float,
+        decode_threads: int,
+        decode_workers: int,
+    ) -> None:
+        if long_scene_mode not in LONG_SCENE_MODES:
+            raise ValueError(f"long_scene_mode must be one of {LONG_SCENE_MODES}, got {long_scene_mode!r}")
+        self.rules = dict(min_scene_s=float(min_scene_s), max_scene_s=None if max_scene_s is None else float(max_scene_s),
+                          long_scene_mode=long_scene_mode, crop_s=float(crop_s))
+        self.threshold = float(threshold)
+        self.decode_threads = int(decode_threads)
+        self.decode_workers = int(decode_workers)
+
+    def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
+        """Per (uri, fps), in order: (N,) float32 scores or the exception."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        uris = batch.column("uri").to_pylist()
+        fps_col = batch.column("fps").to_pylist()
+        errors = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
+        todo = [i for i, err in enumerate(errors) if err is None]
+        starts: list[list[int]] = [[] for _ in uris]
+        ends: list[list[int]] = [[] for _ in uris]
+        detector: list[str | None] = [None] * batch.num_rows
+        probs: list[list[float] | None] = [None] * batch.num_rows
+        new_errors = list(errors)
+
+        videos = [(uris[i], fps_col[i]) for i in todo]
+        for i, result in zip(todo, self.score_videos(videos)):
+            fps = fps_col[i]
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                if fps is None or not fps > 0:
+                    raise ValueError(f"unusable fps {fps!r}")
+                if len(result) == 0:
+                    raise ValueError("no frames decoded")
+                spans = plan_spans(result, float(fps), threshold=self.threshold, **self.rules)
+            except Exception as exc:
+                log.warning("scene detection failed for %s: %s", uris[i], exc)
+                new_errors[i] = f"{ERROR_PREFIX}{type(exc).__name__}: {exc}"
+                continue
+            starts[i] = [s for s, _ in spans]
+            ends[i] = [e for _, e in spans]
+            detector[i] = self.detector_name
+            probs[i] = np.asarray(result, dtype=np.float32).tolist()
+
+        out = batch.drop_columns([f.name for f in _OUTPUT_FIELDS if f.name in batch.column_names])
+        values = {"span_start_frames": starts, "span_end_frames": ends, "scene_detector": detector,
+                  "transition_probs": probs}
+        for field in _OUTPUT_FIELDS:
+            out = out.append_column(field, pa.array(values[field.name], type=field.type))
+        if "error" in out.column_names:
+            index = out.column_names.index("error")
+            out = out.set_column(index, out.schema.field(index), pa.array(new_errors, type=out.schema.field(index).type))
+        else:
+            out = out.append_column(pa.field("error", pa.string()), pa.array(new_errors, type=pa.string()))
+        return out
+
+
+class TransNetV2Split(_SceneSplit):
+    """`split=transnetv2`: TransNetV2 shot-transition probabilities (0-1,
+    calibrated; a transition where > threshold) -> spans.
+
+    Put it on an actor pool (the model loads once per actor). Frames are
+    decoded at 48x27 on `decode_workers` threads ahead of inference (NVDEC +
+    GPU resize when on CUDA and `gpu_decode`, PyAV otherwise or on any GPU
+    decode error); windows of all videos in the batch share model batches.
+    """
+
+    detector_name = "transnetv2"
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.4,
+        min_scene_s: float = 2.0,
+        max_scene_s: float | None = 10.0,
+        long_scene_mode: str = "stride",
+        crop_s: float = 0.5,
+        weights: str | None = None,
+        device: str = "auto",
+        batch_size: int = 16,
+        precision: str = "auto",
+        gpu_decode: bool = True,
+        interpolation: str = "AREA",
+        decode_threads: int = 1,
+        decode_workers: int = 1,
+        prefetch_videos: int = 2,
+        torch_threads: int | None = None,
+    ) -> None:
+        super().__init__(threshold=threshold, min_scene_s=min_scene_s, max_scene_s=max_scene_s,
+                         long_scene_mode=long_scene_mode, crop_s=crop_s, decode_threads=decode_threads,
+                         decode_workers=decode_workers)
+        import torch
+
+        from udfs.transnetv2 import TransNetV2Predictor
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.predictor = TransNetV2Predictor(weights=weights, device=device, batch_size=batch_size,
+                                             precision=precision)
+        self.use_gpu_decode = bool(gpu_decode) and self.predictor.device.type == "cuda"
+        self.interpolation = interpolation
+        self.prefetch_videos = int(prefetch_videos)
+
+    def _decode(self, video: tuple[str, float]) -> Any:
+        return decode_small(video[0], 48, 27, use_gpu=self.use_gpu_decode, threads=self.decode_threads,
+                            interpolation=self.interpolation)
+
+    def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
+        frames = _prefetched(self._decode, videos, self.decode_workers, self.prefetch_videos)
+        for _, result in self.predictor.predict_many(enumerate(frames)):
+            yield result
+
+
+class ContentSplit(_SceneSplit):
+    """`split=content`: fast CPU-only detector (colour-histogram and luma
+    changes, see udfs/content_detector.py for the score scale) -> spans."""
+
+    detector_name = "content"
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.2,
+        min_scene_s: float = 2.0,
+        max_scene_s: float | None = 10.0,
+        long_scene_mode: str = "stride",
+        crop_s: float = 0.5,
+        width: int = 64,
+        height: int = 36,
+        gradual_s: float | None = 2.0,
+        interpolation: str = "FAST_BILINEAR",
+        decode_threads: int = 1,
+        decode_workers: int = 1,
+    ) -> None:
+        super().__init__(threshold=threshold, min_scene_s=min_scene_s, max_scene_s=max_scene_s,
+                         long_scene_mode=long_scene_mode, crop_s=crop_s, decode_threads=decode_threads,
+                         decode_workers=decode_workers)
+        self.width, self.height = int(width), int(height)
+        self.gradual_s = gradual_s
+        self.interpolation = interpolation
+
+    def _score(self, video: tuple[str, float]) -> np.ndarray:
+        uri, fps = video
+        frames = decode_small_cpu(uri, self.width, self.height, threads=self.decode_threads,
+                                  interpolation=self.interpolation)
+        return content_scores(frames, float(fps or 0) or 25.0, gradual_s=self.gradual_s)
+
+    def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
+        return _prefetched(self._score, videos, self.decode_workers, max(1, self.decode_workers))
