@@ -9,7 +9,10 @@ fragments directly, committed once at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,9 +26,20 @@ from ray.data import ActorPoolStrategy
 from engine import outputs
 from engine.lance_io import FragmentWriter, commit_fragments, create_empty
 from engine.ray_session import cluster_resources, ensure_ray
-from engine.schema import VIDEO_SCHEMA, clip_schema
+from engine.schema import (
+    CLIP_AESTHETIC_FIELDS,
+    CLIP_CAPTION_FIELDS,
+    CLIP_FILTER_FIELDS,
+    CLIP_MOTION_FIELDS,
+    VIDEO_SCHEMA,
+    clip_embedding_fields,
+    clip_schema,
+)
 from engine.timing import start_clock, timed
 from engine.uris import list_inputs
+from udfs.filtering import ensure_filter_columns
+
+log = logging.getLogger(__name__)
 
 # Implementations by config name, imported only when selected, so a run never
 # loads the models (or GPU libraries) of stages it does not use.
@@ -88,12 +102,81 @@ def plan_video_stages(cfg: DictConfig) -> list[StageStep]:
     ]
 
 
+def _node(cfg: DictConfig, key: str) -> dict[str, Any]:
+    node = cfg.get(key)
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def _params(node: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in node.items() if k not in ENGINE_KEYS}
+
+
+def _require_file(path: str | None, what: str) -> str:
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path!r}")
+    return path
+
+
 def plan_clip_stages(cfg: DictConfig) -> list[StageStep]:
-    preview = OmegaConf.to_container(cfg.preview, resolve=True)
-    return [
+    """Transcode, then (when enabled) one decode of each clip for motion and
+    frames, then the model stages that consume those frames.
+
+    Models are resolved here, on the driver, before any video is decoded: a
+    missing path fails the run at once, and a hub id downloads once."""
+    from udfs.models import resolve_model, resolve_stage_models
+
+    preview = _node(cfg, "preview")
+    steps = [
         StageStep.from_node("transcode", "udfs.transcode:ClipTranscoder", cfg.transcode,
                             params={"preview": preview, "storage_options": _storage_options(cfg)}),
     ]
+    motion, aesthetic, embed, caption = (_node(cfg, k) for k in ("motion", "aesthetic", "embed", "caption"))
+    frames = _node(cfg, "frames")
+    consumers_cfg = dict(frames.get("consumers") or {})
+    consumers: dict[str, Any] = {}
+    model_steps: list[StageStep] = []
+
+    if aesthetic.get("enabled"):
+        params = _params(aesthetic)
+        params["model"] = resolve_model(str(params["model"]), revision=params.get("revision"))
+        params.pop("revision", None)
+        _require_file(params.get("head"), "aesthetic head (aesthetic.head)")
+        consumers[params.get("consumer", "aesthetic")] = consumers_cfg.get("aesthetic")
+        model_steps.append(StageStep.from_node("aesthetic", "udfs.aesthetic:AestheticScorer", aesthetic, params=params,
+                                               extra_fields=CLIP_AESTHETIC_FIELDS))
+    if embed.get("name", "none") != "none":
+        from udfs.embed import EMBED_STAGES, embedding_dim
+
+        if embed["name"] not in EMBED_STAGES:
+            raise ValueError(f"unknown embed={embed['name']!r}; choose one of {['none', *EMBED_STAGES]}")
+        params = resolve_stage_models(_params(embed))
+        params["name"] = embed["name"]
+        consumers["embed"] = embed.get("frames") or consumers_cfg.get("embed")
+        dim = embedding_dim(embed["name"], params["model"])
+        model_steps.append(StageStep.from_node("embed", EMBED_STAGES[embed["name"]], embed, params=params,
+                                               extra_fields=clip_embedding_fields(dim)))
+    if caption.get("name", "none") != "none":
+        from udfs.caption import CAPTION_STAGES
+
+        if caption["name"] not in CAPTION_STAGES:
+            raise ValueError(f"unknown caption={caption['name']!r}; choose one of {['none', *CAPTION_STAGES]}")
+        params = resolve_stage_models(_params(caption))
+        consumers["caption"] = caption.get("frames") or consumers_cfg.get("caption")
+        model_steps.append(StageStep.from_node("caption", CAPTION_STAGES[caption["name"]], caption, params=params,
+                                               extra_fields=CLIP_CAPTION_FIELDS))
+
+    motion_on = motion.get("mode", "disable") != "disable"
+    if motion_on or consumers:
+        missing = [name for name, spec in consumers.items() if not spec]
+        if missing:
+            raise ValueError(f"no frame spec for consumer(s) {missing}: set frames.consumers.<name>")
+        analysis = StageStep.from_node(
+            "clip_analysis", "udfs.analysis:ClipAnalysis", cfg.frames,
+            params={"consumers": consumers, "motion": motion},
+            extra_fields=CLIP_MOTION_FIELDS if motion_on else [],
+        )
+        steps.append(analysis)
+    return steps + model_steps
 
 
 def _storage_options(cfg: DictConfig) -> dict[str, Any] | None:
@@ -116,6 +199,29 @@ def _pool(step: StageStep, num_items: int) -> ActorPoolStrategy:
     return ActorPoolStrategy(min_size=1, max_size=upper)
 
 
+def fit_to_cluster(steps: list[StageStep], cpus: float, gpus: float) -> list[StageStep]:
+    """Scale per-worker CPU/GPU requests so every stage's smallest pool fits
+    the cluster at once.
+
+    Streaming stages run concurrently; if their minimum pools ask for more
+    than the cluster has, downstream actors can hold the CPUs while upstream
+    ones wait for them, and the job deadlocks. Requests are logical, so on a
+    small machine this means stages share cores; on a big cluster it is a
+    no-op."""
+    def need(kind: str) -> float:
+        return sum(getattr(s, kind) * (s.concurrency or 1) for s in steps)
+
+    scaled = []
+    cpu_factor = min(1.0, 0.95 * cpus / need("num_cpus")) if need("num_cpus") else 1.0
+    gpu_factor = min(1.0, gpus / need("num_gpus")) if need("num_gpus") else 1.0
+    for step in steps:
+        scaled.append(dataclasses.replace(step, num_cpus=step.num_cpus * cpu_factor,
+                                          num_gpus=step.num_gpus * gpu_factor))
+    if cpu_factor < 1.0 or gpu_factor < 1.0:
+        log.info("stage resources scaled to fit the cluster (CPU x%.2f, GPU x%.2f)", cpu_factor, gpu_factor)
+    return scaled
+
+
 def _apply(ds: ray.data.Dataset, step: StageStep, clock_name: str, num_items: int) -> ray.data.Dataset:
     return ds.map_batches(
         timed(step.cls, step.name, clock_name),
@@ -126,6 +232,20 @@ def _apply(ds: ray.data.Dataset, step: StageStep, clock_name: str, num_items: in
         num_gpus=step.num_gpus or None,
         compute=_pool(step, num_items),
     )
+
+
+def table_metadata(cfg: DictConfig, schema: pa.Schema) -> dict[str, str]:
+    """Facts a reader of the clip table needs: which model made the vectors."""
+    meta = {"reelsift.split": str(cfg.split.name)}
+    if "embedding" in schema.names:
+        meta.update({
+            "embedding_name": str(cfg.embed.name),
+            "embedding_model": str(cfg.embed.model),
+            "embedding_dim": str(schema.field("embedding").type.list_size),
+        })
+        if cfg.embed.get("revision"):
+            meta["embedding_model_revision"] = str(cfg.embed.revision)
+    return meta
 
 
 def _blocks(table: pa.Table, max_blocks: int) -> list[pa.Table]:
@@ -156,7 +276,8 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
 
     video_steps = plan_video_stages(cfg)
     clip_steps = plan_clip_stages(cfg)
-    final_clip_schema = clip_schema(f for step in clip_steps for f in step.extra_fields)
+    final_clip_schema = clip_schema([*(f for step in clip_steps for f in step.extra_fields), *CLIP_FILTER_FIELDS])
+    final_clip_schema = final_clip_schema.with_metadata(table_metadata(cfg, final_clip_schema))
 
     ensure_ray(cfg.ray)
     clock, clock_name = start_clock(uuid.uuid4().hex[:12])
@@ -164,19 +285,23 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
         ray_start = time.perf_counter()
         # Blocks are cut here rather than by `repartition`, whose shuffle tasks
         # need CPUs that the stage actors already hold on a small machine.
+        cpus, gpus = cluster_resources()
         videos_ds = ray.data.from_arrow(_blocks(pa.table({"uri": uris}), 256))
-        for step in video_steps:
+        for step in fit_to_cluster(video_steps, cpus, gpus):
             videos_ds = _apply(videos_ds, step, clock_name, len(uris))
         videos_ds = videos_ds.materialize()
         video_table = pa.concat_tables(ray.get(videos_ds.to_arrow_refs()), promote_options="default")
 
         # One video per block, so videos spread over the transcode actors.
         clips_ds = ray.data.from_arrow(_blocks(video_table, 10_000))
-        for step in clip_steps:
-            clips_ds = _apply(clips_ds, step, clock_name, len(uris))
         empty = create_empty(layout.clips, final_clip_schema, storage_options)
         writer = StageStep.from_node("write", FragmentWriter, cfg.write, params={
             "uri": layout.clips, "schema": final_clip_schema, "storage_options": storage_options})
+        *clip_steps, writer = fit_to_cluster([*clip_steps, writer], cpus, gpus)
+        for step in clip_steps:
+            clips_ds = _apply(clips_ds, step, clock_name, len(uris))
+        # Without a filter stage every good clip passes; with one, this is a no-op.
+        clips_ds = clips_ds.map_batches(ensure_filter_columns, batch_format="pyarrow", batch_size=None)
         fragments = [row["fragment"] for row in _apply(clips_ds, writer, clock_name, len(uris)).take_all()]
         clips = commit_fragments(layout.clips, fragments, empty.version, storage_options)
         pipeline_s = time.perf_counter() - ray_start
