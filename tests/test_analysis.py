@@ -383,16 +383,20 @@ def test_yaml_configs_build_the_stages(clips, tiny_aesthetic):
     """Config keys == constructor kwargs (besides name/resources)."""
     from omegaconf import OmegaConf
 
+    from engine.pipeline import ENGINE_KEYS
     from udfs.aesthetic import AestheticScorer
 
     conf = Path(__file__).resolve().parents[1] / "conf"
 
-    def kwargs(group: str) -> dict:
+    def kwargs(group: str, own_pool: bool = True) -> dict:
         cfg = OmegaConf.to_container(OmegaConf.load(conf / group / "default.yaml"), resolve=True)
-        assert set(cfg["resources"]) == {"num_cpus", "num_gpus", "batch_size", "concurrency"}
-        return {k: v for k, v in cfg.items() if k not in ("name", "resources")}
+        # Motion runs inside ClipAnalysis's pool, so only stages with a pool say how big it is.
+        assert ("resources" in cfg) == own_pool
+        if own_pool:
+            assert set(cfg["resources"]) == {"num_cpus", "num_gpus", "batch_size", "concurrency"}
+        return {k: v for k, v in cfg.items() if k not in ENGINE_KEYS}
 
-    motion = kwargs("motion")
+    motion = kwargs("motion", own_pool=False)
     assert motion["mode"] in ("disable", "score-only", "enable")
     stage = ClipAnalysis(**kwargs("frames"), motion=motion)
     out = stage(_table([("m", clips["moving"], None)]))
