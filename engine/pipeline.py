@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 from omegaconf import DictConfig, OmegaConf
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from engine import outputs
 from engine.lance_io import FragmentWriter, commit_fragments, create_empty
@@ -69,6 +69,12 @@ class StageStep:
     num_gpus: float = 0.0
     batch_size: int | None = 1
     concurrency: int | None = None
+    # Stateless stages run as plain Ray tasks: no actor start-up, and they
+    # reuse Ray's warm workers. Stages that load models keep an actor pool.
+    actors: bool = True
+    # Items this stage sees at most in parallel (videos for video-level
+    # stages); None when it works on clips, whose count is not known upfront.
+    max_parallel: int | None = None
     extra_fields: list[pa.Field] = field(default_factory=list)
 
     @classmethod
@@ -87,6 +93,7 @@ class StageStep:
             num_gpus=float(resources.get("num_gpus", 0) or 0),
             batch_size=resources.get("batch_size", 1),
             concurrency=resources.get("concurrency"),
+            actors=bool(resources.get("actors", True)),
             extra_fields=list(extra_fields or []),
         )
 
@@ -184,19 +191,25 @@ def _storage_options(cfg: DictConfig) -> dict[str, Any] | None:
     return OmegaConf.to_container(opts, resolve=True) if opts else None
 
 
-def _pool(step: StageStep, num_items: int) -> ActorPoolStrategy:
+def _pool(step: StageStep) -> ActorPoolStrategy:
     if step.concurrency:
         return ActorPoolStrategy(size=int(step.concurrency))
     cpus, gpus = cluster_resources()
     if step.num_gpus > 0:
-        if gpus < step.num_gpus:
-            raise RuntimeError(f"stage {step.name} asks for {step.num_gpus} GPU per worker; the cluster has {gpus}")
         limit = int(gpus // step.num_gpus)
     else:
         limit = int(cpus // step.num_cpus) if step.num_cpus > 0 else int(cpus)
-    upper = max(1, min(limit, num_items))
+    upper = max(1, min(limit, step.max_parallel or limit))
     # Autoscaling from one actor lets concurrent stages share the cluster.
     return ActorPoolStrategy(min_size=1, max_size=upper)
+
+
+def check_gpus(steps: list[StageStep], gpus: float) -> None:
+    """A stage configured for GPUs must not silently run on a CPU-only cluster."""
+    for step in steps:
+        if step.num_gpus > 0 and gpus <= 0:
+            raise RuntimeError(f"stage {step.name} asks for {step.num_gpus} GPU per worker but the cluster has none; "
+                               f"set {step.name}.resources.num_gpus=0 to run it on CPU")
 
 
 def fit_to_cluster(steps: list[StageStep], cpus: float, gpus: float) -> list[StageStep]:
@@ -222,16 +235,20 @@ def fit_to_cluster(steps: list[StageStep], cpus: float, gpus: float) -> list[Sta
     return scaled
 
 
-def _apply(ds: ray.data.Dataset, step: StageStep, clock_name: str, num_items: int) -> ray.data.Dataset:
-    return ds.map_batches(
-        timed(step.cls, step.name, clock_name),
-        fn_constructor_kwargs=step.params,
-        batch_format="pyarrow",
-        batch_size=step.batch_size,
-        num_cpus=step.num_cpus,
-        num_gpus=step.num_gpus or None,
-        compute=_pool(step, num_items),
-    )
+def _call_stage(batch: pa.Table, *, stage: type, params: dict[str, Any]) -> pa.Table:
+    """Task-mode entry point: build the (cheap, stateless) stage per batch."""
+    return stage(**params)(batch)
+
+
+def _apply(ds: ray.data.Dataset, step: StageStep, clock_name: str) -> ray.data.Dataset:
+    common = dict(batch_format="pyarrow", batch_size=step.batch_size, num_cpus=step.num_cpus,
+                  num_gpus=step.num_gpus or None)
+    stage = timed(step.cls, step.name, clock_name)
+    if not step.actors:
+        compute = TaskPoolStrategy(size=int(step.concurrency)) if step.concurrency else None
+        return ds.map_batches(_call_stage, fn_kwargs={"stage": stage, "params": step.params}, compute=compute,
+                              **common)
+    return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=_pool(step), **common)
 
 
 def table_metadata(cfg: DictConfig, schema: pa.Schema) -> dict[str, str]:
@@ -286,9 +303,10 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
         # Blocks are cut here rather than by `repartition`, whose shuffle tasks
         # need CPUs that the stage actors already hold on a small machine.
         cpus, gpus = cluster_resources()
+        check_gpus([*video_steps, *clip_steps], gpus)
         videos_ds = ray.data.from_arrow(_blocks(pa.table({"uri": uris}), 256))
         for step in fit_to_cluster(video_steps, cpus, gpus):
-            videos_ds = _apply(videos_ds, step, clock_name, len(uris))
+            videos_ds = _apply(videos_ds, dataclasses.replace(step, max_parallel=len(uris)), clock_name)
         videos_ds = videos_ds.materialize()
         video_table = pa.concat_tables(ray.get(videos_ds.to_arrow_refs()), promote_options="default")
 
@@ -299,10 +317,12 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
             "uri": layout.clips, "schema": final_clip_schema, "storage_options": storage_options})
         *clip_steps, writer = fit_to_cluster([*clip_steps, writer], cpus, gpus)
         for step in clip_steps:
-            clips_ds = _apply(clips_ds, step, clock_name, len(uris))
+            # Only the transcode sees videos; later stages see clips.
+            limit = len(uris) if step.name == "transcode" else None
+            clips_ds = _apply(clips_ds, dataclasses.replace(step, max_parallel=limit), clock_name)
         # Without a filter stage every good clip passes; with one, this is a no-op.
         clips_ds = clips_ds.map_batches(ensure_filter_columns, batch_format="pyarrow", batch_size=None)
-        fragments = [row["fragment"] for row in _apply(clips_ds, writer, clock_name, len(uris)).take_all()]
+        fragments = [row["fragment"] for row in _apply(clips_ds, writer, clock_name).take_all()]
         clips = commit_fragments(layout.clips, fragments, empty.version, storage_options)
         pipeline_s = time.perf_counter() - ray_start
         stage_times = ray.get(clock.snapshot.remote())

@@ -8,6 +8,7 @@ frames of its span, not merely the right number of frames.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -90,6 +91,35 @@ def scene_frame(index: int, width: int, height: int, scene: int = 0, moving: boo
     return SceneRenderer(width, height).frame(index, scene, moving)
 
 
+def _add_video_stream(out: av.container.OutputContainer, *, codec: str, width: int, height: int, rate: Fraction,
+                      crf: int, gop: int, pix_fmt: str | None) -> av.video.stream.VideoStream:
+    stream = out.add_stream(codec, rate=rate)
+    stream.width = width
+    stream.height = height
+    # 4:2:0 needs even sizes; odd-sized videos are written 4:4:4.
+    stream.pix_fmt = pix_fmt or ("yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p")
+    if codec == "libx264":
+        stream.options = {"crf": str(crf), "preset": "ultrafast", "g": str(gop), "bf": "2"}
+    elif codec in ("libvpx-vp9", "libvpx"):
+        stream.options = {"crf": str(crf + 10), "b": "0", "deadline": "realtime", "cpu-used": "8", "g": str(gop)}
+    else:
+        stream.options = {"g": str(gop)}
+    return stream
+
+
+def _encode_rgb(out: av.container.OutputContainer, stream: av.video.stream.VideoStream,
+                images: Iterable[np.ndarray], rate: Fraction) -> None:
+    """Encode RGB images as consecutive frames, then flush the encoder."""
+    for i, img in enumerate(images):
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts = i
+        frame.time_base = 1 / rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+
+
 def write_video(
     path: str | Path,
     *,
@@ -119,30 +149,14 @@ def write_video(
         scenes = [num_frames]
     scene_of = np.repeat(np.arange(len(scenes)), scenes)
     with av.open(str(path), mode="w") as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.width = width
-        stream.height = height
-        # 4:2:0 needs even sizes; odd-sized videos are written 4:4:4.
-        stream.pix_fmt = pix_fmt or ("yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p")
-        if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "ultrafast", "g": str(gop), "bf": "2"}
-        elif codec in ("libvpx-vp9", "libvpx"):
-            stream.options = {"crf": str(crf + 10), "b": "0", "deadline": "realtime", "cpu-used": "8", "g": str(gop)}
-        else:
-            stream.options = {"g": str(gop)}
+        stream = _add_video_stream(out, codec=codec, width=width, height=height, rate=rate, crf=crf, gop=gop,
+                                   pix_fmt=pix_fmt)
         astream = None
         if audio:
             astream = out.add_stream("aac", rate=48000)
             astream.layout = "stereo"
         renderer = SceneRenderer(width, height)
-        for i, scene in enumerate(scene_of):
-            frame = av.VideoFrame.from_ndarray(renderer.frame(i, int(scene), moving), format="rgb24")
-            frame.pts = i
-            frame.time_base = 1 / rate
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        _encode_rgb(out, stream, (renderer.frame(i, int(scene), moving) for i, scene in enumerate(scene_of)), rate)
         if astream is not None:
             total = len(scene_of) / float(rate)
             _write_tone(out, astream, total)
@@ -242,10 +256,8 @@ def write_transition_video(
     timeline, cuts = transition_timeline(scenes, transitions)
     rate = Fraction(fps).limit_denominator(1001)
     renderer = SceneRenderer(width, height)
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "ultrafast", "g": str(gop), "bf": "2"}
+
+    def images() -> Iterator[np.ndarray]:
         for i, (a, b, alpha) in enumerate(timeline):
             img = renderer.frame(i, a).astype(np.float32)
             if alpha > 0:
@@ -253,11 +265,10 @@ def write_transition_video(
                 img = (1 - alpha) * img + alpha * other
             img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
             draw_barcode(img, i)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            frame.time_base = 1 / rate
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+            yield img
+
+    with av.open(str(path), mode="w") as out:
+        stream = _add_video_stream(out, codec="libx264", width=width, height=height, rate=rate, crf=crf, gop=gop,
+                                   pix_fmt="yuv420p")
+        _encode_rgb(out, stream, images(), rate)
     return path, cuts
