@@ -44,10 +44,13 @@ class FragmentWriter:
         )
 
 
-def create_empty(uri: str, schema: pa.Schema, storage_options: dict[str, Any] | None = None) -> lance.LanceDataset:
+def create_empty(uri: str, schema: pa.Schema, storage_options: dict[str, Any] | None = None, *,
+                 overwrite: bool = False) -> lance.LanceDataset:
     """The dataset's first version, empty: it fixes Lance's canonical schema
-    (blob columns get sub-field ids) that every worker's fragments then use."""
-    return lance.write_dataset(schema.empty_table(), uri, schema=schema, mode="create",
+    (blob columns get sub-field ids) that every worker's fragments then use.
+    On object stores, where old datasets are not deleted first, `overwrite`
+    starts a new, empty version instead of failing on the existing one."""
+    return lance.write_dataset(schema.empty_table(), uri, schema=schema, mode="overwrite" if overwrite else "create",
                                storage_options=storage_options)
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.lance_io import remove_dataset, write_table
-from engine.uris import scheme_of
+from engine.uris import arrow_fs, scheme_of
 
 # Clip columns that are cheap to scan: everything but the media blobs.
 CLIP_STAT_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "num_bytes", "error"]
@@ -122,12 +122,10 @@ def summarise(*, videos: pa.Table, clips: lance.LanceDataset, stage_times: dict[
     return summary
 
 
-def write_summary(summary: dict[str, Any], layout: OutputLayout) -> None:
+def write_summary(summary: dict[str, Any], layout: OutputLayout, storage_options: dict[str, Any] | None = None) -> None:
     text = json.dumps(summary, indent=2, default=str)
     if scheme_of(layout.root):
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(layout.summary)
+        fs, path = arrow_fs(layout.summary, storage_options)
         with fs.open_output_stream(path) as fh:
             fh.write(text.encode())
     else:

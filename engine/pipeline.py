@@ -36,8 +36,8 @@ from engine.schema import (
     clip_schema,
 )
 from engine.timing import start_clock, timed
-from engine.uris import list_inputs
-from udfs.filtering import ensure_filter_columns
+from engine.uris import list_inputs, scheme_of
+from udfs.filtering import finalize_filter_columns
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,16 @@ def plan_video_stages(cfg: DictConfig) -> list[StageStep]:
     split_name = cfg.split.name
     if split_name not in SPLITTERS:
         raise ValueError(f"unknown split={split_name!r}; choose one of {sorted(SPLITTERS)}")
+    split_params: dict[str, Any] = {}
+    weights = cfg.split.get("weights")
+    if weights and not os.path.exists(str(weights)):
+        # A hub id: download once here rather than in every actor.
+        from udfs.models import resolve_model
+
+        split_params["weights"] = resolve_model(str(weights), revision=cfg.split.get("revision"))
     return [
         StageStep.from_node("probe", "udfs.probe:ProbeVideos", cfg.probe, params=storage),
-        StageStep.from_node(f"split_{split_name}", SPLITTERS[split_name], cfg.split),
+        StageStep.from_node(f"split_{split_name}", SPLITTERS[split_name], cfg.split, params=split_params),
     ]
 
 
@@ -146,8 +153,8 @@ def plan_clip_stages(cfg: DictConfig) -> list[StageStep]:
     if aesthetic.get("enabled"):
         params = _params(aesthetic)
         params["model"] = resolve_model(str(params["model"]), revision=params.get("revision"))
-        params.pop("revision", None)
-        _require_file(params.get("head"), "aesthetic head (aesthetic.head)")
+        # Absolute: actors may not share the driver's working directory.
+        params["head"] = os.path.abspath(_require_file(params.get("head"), "aesthetic head (aesthetic.head)"))
         consumers[params.get("consumer", "aesthetic")] = consumers_cfg.get("aesthetic")
         model_steps.append(StageStep.from_node("aesthetic", "udfs.aesthetic:AestheticScorer", aesthetic, params=params,
                                                extra_fields=CLIP_AESTHETIC_FIELDS))
@@ -265,6 +272,14 @@ def table_metadata(cfg: DictConfig, schema: pa.Schema) -> dict[str, str]:
     return meta
 
 
+def redacted_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config for summary.json, without credentials."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if config.get("storage_options"):
+        config["storage_options"] = {k: "<redacted>" for k in config["storage_options"]}
+    return config
+
+
 def _blocks(table: pa.Table, max_blocks: int) -> list[pa.Table]:
     """`table` cut into at most `max_blocks` contiguous, near-equal blocks."""
     n = max(1, min(table.num_rows, max_blocks))
@@ -291,6 +306,8 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
     if not uris:
         raise FileNotFoundError(f"no input videos found under {cfg.input}")
 
+    if cfg.export.get("nemo_layout") and scheme_of(str(output)):
+        raise ValueError("export.nemo_layout writes plain files and needs a local output directory")
     video_steps = plan_video_stages(cfg)
     clip_steps = plan_clip_stages(cfg)
     final_clip_schema = clip_schema([*(f for step in clip_steps for f in step.extra_fields), *CLIP_FILTER_FIELDS])
@@ -312,7 +329,7 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
 
         # One video per block, so videos spread over the transcode actors.
         clips_ds = ray.data.from_arrow(_blocks(video_table, 10_000))
-        empty = create_empty(layout.clips, final_clip_schema, storage_options)
+        empty = create_empty(layout.clips, final_clip_schema, storage_options, overwrite=bool(cfg.overwrite))
         writer = StageStep.from_node("write", FragmentWriter, cfg.write, params={
             "uri": layout.clips, "schema": final_clip_schema, "storage_options": storage_options})
         *clip_steps, writer = fit_to_cluster([*clip_steps, writer], cpus, gpus)
@@ -320,8 +337,8 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
             # Only the transcode sees videos; later stages see clips.
             limit = len(uris) if step.name == "transcode" else None
             clips_ds = _apply(clips_ds, dataclasses.replace(step, max_parallel=limit), clock_name)
-        # Without a filter stage every good clip passes; with one, this is a no-op.
-        clips_ds = clips_ds.map_batches(ensure_filter_columns, batch_format="pyarrow", batch_size=None)
+        # Every good clip passes unless a filter said otherwise; error rows get passed=null.
+        clips_ds = clips_ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None)
         fragments = [row["fragment"] for row in _apply(clips_ds, writer, clock_name).take_all()]
         clips = commit_fragments(layout.clips, fragments, empty.version, storage_options)
         pipeline_s = time.perf_counter() - ray_start
@@ -333,7 +350,7 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
     exports = outputs.write_exports(cfg.export, clips, layout)
     summary = outputs.summarise(
         videos=videos, clips=clips, stage_times=stage_times, pipeline_s=pipeline_s,
-        total_s=time.perf_counter() - started, config=OmegaConf.to_container(cfg, resolve=True), exports=exports,
+        total_s=time.perf_counter() - started, config=redacted_config(cfg), exports=exports,
     )
-    outputs.write_summary(summary, layout)
+    outputs.write_summary(summary, layout, storage_options)
     return summary

@@ -42,7 +42,7 @@ def _join(root: str, rel: str) -> str:
     return os.path.join(root, rel)
 
 
-def _arrow_fs(uri: str, storage_options: dict[str, Any] | None):
+def arrow_fs(uri: str, storage_options: dict[str, Any] | None):
     import pyarrow.fs as pafs
 
     if storage_options and scheme_of(uri) == "s3":
@@ -55,7 +55,7 @@ def _arrow_fs(uri: str, storage_options: dict[str, Any] | None):
 def _list_remote(uri: str, extensions: frozenset[str], storage_options: dict[str, Any] | None) -> list[str]:
     import pyarrow.fs as pafs
 
-    fs, path = _arrow_fs(uri, storage_options)
+    fs, path = arrow_fs(uri, storage_options)
     info = fs.get_file_info(path)
     scheme = scheme_of(uri)
     if info.type == pafs.FileType.File:
@@ -68,8 +68,8 @@ def _list_remote(uri: str, extensions: frozenset[str], storage_options: dict[str
     )
 
 
-def _expand_json_list(path: str, root: str | None) -> list[str]:
-    with open_uri(path) as fh:
+def _expand_json_list(path: str, root: str | None, storage_options: dict[str, Any] | None) -> list[str]:
+    with open_uri(path, storage_options) as fh:
         data = json.load(fh)
     if isinstance(data, dict):
         root = root if root is not None else data.get("root", "")
@@ -118,7 +118,7 @@ def list_inputs(
         item = str(item)
         scheme = scheme_of(item)
         if item.lower().endswith(".json"):
-            found.extend(_expand_json_list(item, root))
+            found.extend(_expand_json_list(item, root, storage_options))
         elif scheme in HTTP_SCHEMES:
             found.append(item)
         elif scheme in REMOTE_SCHEMES:
@@ -149,7 +149,7 @@ def open_uri(uri: str, storage_options: dict[str, Any] | None = None) -> IO[byte
         return open(normalise(uri), "rb")
     if scheme in HTTP_SCHEMES:
         return _HttpFile(uri)
-    fs, path = _arrow_fs(uri, storage_options)
+    fs, path = arrow_fs(uri, storage_options)
     return fs.open_input_file(path)
 
 
@@ -175,13 +175,14 @@ def size_of(uri: str, storage_options: dict[str, Any] | None = None) -> int | No
         with urllib.request.urlopen(req, timeout=30) as resp:
             length = resp.headers.get("Content-Length")
             return int(length) if length is not None else None
-    fs, path = _arrow_fs(uri, storage_options)
+    fs, path = arrow_fs(uri, storage_options)
     return fs.get_file_info(path).size
 
 
 class _HttpFile:
-    """Minimal read-only HTTP file with range requests, for JSON lists and
-    other small reads (video decoding goes through FFmpeg's own HTTP)."""
+    """Minimal read-only HTTP file (the whole body, fetched once), for JSON
+    lists and other small reads; video decoding goes through FFmpeg's own
+    HTTP client, which does range requests."""
 
     def __init__(self, url: str) -> None:
         import urllib.request

@@ -429,3 +429,18 @@ def test_clip_loads_from_a_full_clipmodel_folder(tmp_path):
         got = vision(pixel_values=pixels).image_embeds
     torch.testing.assert_close(got, expected)
     assert processor.crop_size["height"] == 224
+
+
+def test_errors_recorded_after_filtering_clear_passed():
+    """A clip that a later stage failed is neither kept nor filtered: passed is null."""
+    import pyarrow as pa
+
+    from udfs.filtering import finalize_filter_columns, set_errors
+
+    table = pa.table({"clip_id": ["a", "b", "c"], "error": [None, None, "decode failed"],
+                      "passed": [True, False, None], "filter_reason": [None, "low motion", None]})
+    table = set_errors(table, ["embed failed: OOM", None, "ignored: first error wins"])
+    out = finalize_filter_columns(table)
+    assert out.column("error").to_pylist() == ["embed failed: OOM", None, "decode failed"]
+    assert out.column("passed").to_pylist() == [None, False, None]
+    assert out.column("filter_reason").to_pylist() == [None, "low motion", None]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from engine.schema import CLIP_AESTHETIC_FIELDS
-from udfs.filtering import apply_filter, ensure_filter_columns, row_errors
+from udfs.filtering import apply_filter, ensure_filter_columns, row_errors, set_errors
 from udfs.frames import drop_frame_columns
 from udfs.video_io import unpack_frames
 
@@ -124,7 +124,11 @@ class AestheticScorer:
         device: str = "auto",
         dtype: str = "auto",
         drop_frames: bool = True,
+        revision: str | None = None,
     ) -> None:
+        # `model` arrives resolved to a local folder at `revision` (the driver
+        # downloads hub ids once); the revision is kept for provenance.
+        self.revision = revision
         if reduction not in REDUCTIONS:
             raise ValueError(f"aesthetic.reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.threshold = threshold
@@ -181,19 +185,28 @@ class AestheticScorer:
             stacks.append(stack)
             owners += [i] * len(stack)
         scores: list[float | None] = [None] * n
+        failures: list[str | None] = [None] * n
         if stacks:
             # One image batch across clips; frames differing in size (no crop
             # configured) go through the processor per clip instead.
             same = len({s.shape[1:] for s in stacks}) == 1
-            per_frame = (
-                self.score_frames(np.concatenate(stacks))
-                if same
-                else np.concatenate([self.score_frames(s) for s in stacks])
-            )
-            owners_arr = np.asarray(owners)
-            for i in set(owners):
-                values = per_frame[owners_arr == i]
-                scores[i] = float(values.min() if self.reduction == "min" else values.mean())
+            try:
+                per_frame = (
+                    self.score_frames(np.concatenate(stacks))
+                    if same
+                    else np.concatenate([self.score_frames(s) for s in stacks])
+                )
+            except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the batch's rows, not the run
+                for i in set(owners):
+                    failures[i] = f"aesthetic scoring failed: {type(exc).__name__}: {exc}"
+            else:
+                owners_arr = np.asarray(owners)
+                for i in set(owners):
+                    values = per_frame[owners_arr == i]
+                    scores[i] = float(values.min() if self.reduction == "min" else values.mean())
+        if any(failures):
+            batch = set_errors(batch, failures)
+            errors = row_errors(batch)
         out = batch.append_column(CLIP_AESTHETIC_FIELDS[0], pa.array(scores, CLIP_AESTHETIC_FIELDS[0].type))
         reasons: list[str | None] = [None] * n
         if self.threshold is not None:

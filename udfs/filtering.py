@@ -39,6 +39,26 @@ def ensure_filter_columns(table: pa.Table) -> pa.Table:
     return table.append_column(CLIP_FILTER_FIELDS[1], pa.nulls(table.num_rows, _REASON_TYPE))
 
 
+def finalize_filter_columns(table: pa.Table) -> pa.Table:
+    """The last step before writing: filter columns present, and `passed`
+    null wherever a stage after the filters recorded an error."""
+    table = ensure_filter_columns(table)
+    errors = row_errors(table)
+    if all(e is None for e in errors):
+        return table
+    passed = [None if e is not None else p for e, p in zip(errors, table.column("passed").to_pylist())]
+    return table.set_column(table.column_names.index("passed"), CLIP_FILTER_FIELDS[0], pa.array(passed, _PASSED_TYPE))
+
+
+def set_errors(table: pa.Table, errors: Sequence[str | None]) -> pa.Table:
+    """Record per-row errors, keeping an earlier error where one exists."""
+    merged = [old if old is not None else new for old, new in zip(row_errors(table), errors)]
+    column = pa.array(merged, pa.string())
+    if "error" in table.column_names:
+        return table.set_column(table.column_names.index("error"), "error", column)
+    return table.append_column("error", column)
+
+
 def apply_filter(table: pa.Table, reasons: Sequence[str | None]) -> pa.Table:
     """Merge one filter's verdicts into `passed`/`filter_reason`.
 

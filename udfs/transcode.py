@@ -26,6 +26,10 @@ from engine.schema import CLIP_BASE_SCHEMA, clip_id_for, conform
 from udfs.preview import encode_webp, preview_frame_offsets, preview_size
 from udfs.video_io import frame_rate, open_video
 
+# How long past a clip's end the video may run ahead of the audio before the
+# clip is closed without waiting for more audio (interleaving is usually <1 s).
+AUDIO_WAIT_S = 2.0
+
 # libx264 preset names mapped to NVENC's p1 (fastest) .. p7 (best).
 _NVENC_PRESETS = {
     "ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p4",
@@ -281,8 +285,17 @@ class ClipTranscoder:
                 audio_clock = float("inf") if astream is None else -float("inf")
                 streams = [vstream] + ([astream] if astream is not None else [])
                 width = height = None
+                failed: list[tuple[_ClipWriter, str]] = []
                 for packet in container.demux(streams):
-                    for frame in packet.decode():
+                    try:
+                        frames = packet.decode()
+                    except av.FFmpegError:
+                        if packet.stream is vstream:
+                            raise
+                        # Damaged audio: keep the video, stop waiting for audio.
+                        audio_clock = float("inf")
+                        continue
+                    for frame in frames:
                         if packet.stream is vstream:
                             if width is None:
                                 # libx264 4:2:0 needs even sizes: drop the odd last row/column.
@@ -291,16 +304,22 @@ class ClipTranscoder:
                             while next_span < len(spans) and spans[next_span][0] <= frame_index:
                                 start, end = spans[next_span]
                                 if start == frame_index:
-                                    writer = self._open_writer(next_span, start, end, fps, width, height, audio_format)
-                                    for chunk in audio_buffer:
-                                        writer.add_audio(chunk)
-                                    active.append(writer)
+                                    try:
+                                        writer = self._open_writer(next_span, start, end, fps, width, height,
+                                                                   audio_format)
+                                    except (av.FFmpegError, ValueError, OSError) as exc:
+                                        yield self._clip_row(video, next_span, start, end, fps,
+                                                             error=f"encoder open failed: {type(exc).__name__}: {exc}")
+                                    else:
+                                        active.append(writer)
+                                        for chunk in audio_buffer:
+                                            self._feed(writer, writer.add_audio, chunk, failed)
                                 next_span += 1
                             if active:
                                 frame = self._prepare(frame, width, height)
                                 for writer in active:
                                     if not writer.video_done:
-                                        writer.add_frame(frame)
+                                        self._feed(writer, writer.add_frame, frame, failed)
                             frame_index += 1
                         else:
                             chunk = _AudioChunk(
@@ -310,14 +329,24 @@ class ClipTranscoder:
                             )
                             audio_clock = chunk.end_s
                             for writer in active:
-                                writer.add_audio(chunk)
+                                self._feed(writer, writer.add_audio, chunk, failed)
                             audio_buffer.append(chunk)
                         # Keep only audio that a clip not yet opened may still need.
                         horizon = spans[next_span][0] / fps if next_span < len(spans) else float("inf")
                         while audio_buffer and audio_buffer[0].end_s < min(horizon, audio_clock) - 1.0:
                             audio_buffer.popleft()
-                    # A clip is complete once its video is in and audio has passed its end.
-                    done = [w for w in active if w.video_done and audio_clock >= w.end_s]
+                    # One clip's encoder failing costs that clip, not the video.
+                    for writer, message in failed:
+                        active.remove(writer)
+                        yield self._clip_row(video, writer.index, writer.start_frame, writer.end_frame, fps,
+                                             error=message)
+                    failed.clear()
+                    # A clip is complete once its video is in and audio has passed its end
+                    # (or has stopped: an audio track shorter than the video must not
+                    # keep finished clips in memory until the end of the file).
+                    video_clock = frame_index / fps
+                    done = [w for w in active if w.video_done
+                            and (audio_clock >= w.end_s or video_clock >= w.end_s + AUDIO_WAIT_S)]
                     for writer in done:
                         active.remove(writer)
                         yield self._finish(video, writer)
@@ -353,6 +382,16 @@ class ClipTranscoder:
             encoder=self.encoder, options=self.options, threads=self.threads,
             audio=audio, preview_offsets=offsets, preview_wh=preview_wh,
         )
+
+    @staticmethod
+    def _feed(writer: _ClipWriter, method: Any, item: Any, failed: list[tuple[_ClipWriter, str]]) -> None:
+        if any(w is writer for w, _ in failed):
+            return
+        try:
+            method(item)
+        except (av.FFmpegError, ValueError, OSError) as exc:
+            writer.abandon()
+            failed.append((writer, f"encode failed: {type(exc).__name__}: {exc}"))
 
     @staticmethod
     def _prepare(frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame:
