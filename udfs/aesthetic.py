@@ -31,6 +31,7 @@ from torch import nn
 from engine.schema import CLIP_AESTHETIC_FIELDS
 from udfs.filtering import apply_filter, ensure_filter_columns, row_errors, set_errors
 from udfs.frames import drop_frame_columns
+from udfs.models import local_model_dir, pick_device, pick_dtype
 from udfs.video_io import unpack_frames
 
 REDUCTIONS = ("min", "mean")
@@ -57,10 +58,6 @@ class AestheticHead(nn.Module):
         return self.layers(embeddings).squeeze(-1)
 
 
-def _looks_like_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
-
-
 def load_head(path: str) -> AestheticHead:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
@@ -78,10 +75,7 @@ def load_clip(model: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.
     folder or a hub id (a full CLIPModel checkpoint loads too)."""
     from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    if _looks_like_path(model):
-        model = os.path.expanduser(model)
-        if not os.path.isdir(model):
-            raise FileNotFoundError(f"CLIP model folder not found: {model}")
+    model = local_model_dir(model)
     try:
         config = AutoConfig.from_pretrained(model)
         if config.model_type == "clip":
@@ -101,14 +95,8 @@ def load_clip(model: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.
 
 
 def pick_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dtype == "auto":
-        if dev.type == "cuda":
-            return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return dev, torch.float32
-    return dev, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    name = pick_device(device)
+    return torch.device(name), pick_dtype(name, dtype)
 
 
 class AestheticScorer:
