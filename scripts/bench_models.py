@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.schema import frame_fields
+# Run as a script, the repo root (for `scripts.random_models`) is not on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.schema import frame_fields  # noqa: E402
 from engine.synth import write_video
 from scripts.random_models import build_clip, build_qwen2_5_vl
 from udfs.caption import CaptionStage, Window, window_spans
