@@ -25,9 +25,9 @@ def scalar_columns(clips: lance.LanceDataset) -> list[str]:
     return [name for name in clips.schema.names if name not in BLOB_COLUMNS]
 
 
-def write_parquet(clips: lance.LanceDataset, path: str) -> str:
+def write_parquet(clips: lance.LanceDataset, path: str, filesystem: Any = None) -> str:
     """All non-media columns as one Parquet file (for SQL engines, pandas)."""
-    pq.write_table(clips.to_table(columns=scalar_columns(clips)), path)
+    pq.write_table(clips.to_table(columns=scalar_columns(clips)), path, filesystem=filesystem)
     return path
 
 

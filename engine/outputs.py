@@ -133,13 +133,16 @@ def write_summary(summary: dict[str, Any], layout: OutputLayout, storage_options
             fh.write(text)
 
 
-def write_exports(export_cfg: Any, clips: lance.LanceDataset, layout: OutputLayout) -> dict[str, str]:
+def write_exports(export_cfg: Any, clips: lance.LanceDataset, layout: OutputLayout,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, str]:
     """Optional extra layouts of the clip table, for tools that want files."""
     from engine import exports
 
     done: dict[str, str] = {}
     if export_cfg.get("parquet"):
-        done["parquet"] = exports.write_parquet(clips, _join(layout.root, "clips.parquet"))
+        path = _join(layout.root, "clips.parquet")
+        fs, fs_path = arrow_fs(path, storage_options) if scheme_of(path) else (None, path)
+        done["parquet"] = exports.write_parquet(clips, fs_path, filesystem=fs)
     if export_cfg.get("nemo_layout"):
         done["nemo_layout"] = exports.write_nemo_layout(clips, layout.root)
     return done

@@ -36,7 +36,7 @@ from engine.schema import (
     clip_schema,
 )
 from engine.timing import start_clock, timed
-from engine.uris import list_inputs, scheme_of
+from engine.uris import lance_storage_options, list_inputs, scheme_of
 from udfs.filtering import finalize_filter_columns
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def plan_video_stages(cfg: DictConfig) -> list[StageStep]:
     if split_name not in SPLITTERS:
         raise ValueError(f"unknown split={split_name!r}; choose one of {sorted(SPLITTERS)}")
     split_params: dict[str, Any] = {}
+    if "storage_options" in cfg.split:
+        split_params["storage_options"] = _storage_options(cfg)
     weights = cfg.split.get("weights")
     if weights and not os.path.exists(str(weights)):
         # A hub id: download once here rather than in every actor.
@@ -294,6 +296,7 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
     layout = outputs.OutputLayout(output)
     layout.prepare(overwrite=bool(cfg.overwrite))
     storage_options = _storage_options(cfg)
+    lance_options = lance_storage_options(storage_options)
 
     uris = list_inputs(
         OmegaConf.to_container(cfg.input, resolve=True) if OmegaConf.is_list(cfg.input) else str(cfg.input),
@@ -329,9 +332,9 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
 
         # One video per block, so videos spread over the transcode actors.
         clips_ds = ray.data.from_arrow(_blocks(video_table, 10_000))
-        empty = create_empty(layout.clips, final_clip_schema, storage_options, overwrite=bool(cfg.overwrite))
+        empty = create_empty(layout.clips, final_clip_schema, lance_options, overwrite=bool(cfg.overwrite))
         writer = StageStep.from_node("write", FragmentWriter, cfg.write, params={
-            "uri": layout.clips, "schema": final_clip_schema, "storage_options": storage_options})
+            "uri": layout.clips, "schema": final_clip_schema, "storage_options": lance_options})
         *clip_steps, writer = fit_to_cluster([*clip_steps, writer], cpus, gpus)
         for step in clip_steps:
             # Only the transcode sees videos; later stages see clips.
@@ -340,14 +343,14 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
         # Every good clip passes unless a filter said otherwise; error rows get passed=null.
         clips_ds = clips_ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None)
         fragments = [row["fragment"] for row in _apply(clips_ds, writer, clock_name).take_all()]
-        clips = commit_fragments(layout.clips, fragments, empty.version, storage_options)
+        clips = commit_fragments(layout.clips, fragments, empty.version, lance_options)
         pipeline_s = time.perf_counter() - ray_start
         stage_times = ray.get(clock.snapshot.remote())
     finally:
         ray.kill(clock)
 
-    videos = outputs.write_video_table(video_table, clips, layout, VIDEO_SCHEMA, storage_options)
-    exports = outputs.write_exports(cfg.export, clips, layout)
+    videos = outputs.write_video_table(video_table, clips, layout, VIDEO_SCHEMA, lance_options)
+    exports = outputs.write_exports(cfg.export, clips, layout, storage_options)
     summary = outputs.summarise(
         videos=videos, clips=clips, stage_times=stage_times, pipeline_s=pipeline_s,
         total_s=time.perf_counter() - started, config=redacted_config(cfg), exports=exports,

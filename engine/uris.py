@@ -52,6 +52,35 @@ def arrow_fs(uri: str, storage_options: dict[str, Any] | None):
     return pafs.FileSystem.from_uri(uri)
 
 
+# pyarrow S3FileSystem option -> Lance (object_store) storage option.
+_LANCE_S3_KEYS = {
+    "access_key": "aws_access_key_id",
+    "secret_key": "aws_secret_access_key",
+    "session_token": "aws_session_token",
+    "region": "aws_region",
+}
+
+
+def lance_storage_options(storage_options: dict[str, Any] | None) -> dict[str, str] | None:
+    """The same credentials/endpoint in the form Lance's object store takes,
+    so users give `storage_options` once, in pyarrow's S3FileSystem form."""
+    if not storage_options:
+        return None
+    out: dict[str, str] = {}
+    scheme = str(storage_options.get("scheme", "https"))
+    for key, value in storage_options.items():
+        if key in _LANCE_S3_KEYS:
+            out[_LANCE_S3_KEYS[key]] = str(value)
+        elif key == "endpoint_override":
+            endpoint = str(value)
+            out["aws_endpoint"] = endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
+        elif key != "scheme":
+            out[key] = str(value)  # already in Lance's form
+    if scheme == "http":
+        out["allow_http"] = "true"
+    return out
+
+
 def _list_remote(uri: str, extensions: frozenset[str], storage_options: dict[str, Any] | None) -> list[str]:
     import pyarrow.fs as pafs
 

@@ -30,6 +30,7 @@ def decode_small_cpu(
     threads: int = DEFAULT_DECODE_THREADS,
     interpolation: str = "AREA",
     max_frames: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Every frame of `uri` as (N, height, width, 3) uint8 RGB, via PyAV."""
     if interpolation not in INTERPOLATIONS:
@@ -39,7 +40,7 @@ def decode_small_cpu(
     # arrays at the end would double peak memory for long videos.
     chunk = np.empty((1024, height, width, 3), dtype=np.uint8)
     filled = 0
-    with open_video(uri) as container:
+    with open_video(uri, storage_options) as container:
         stream = video_stream(container, threads)
         for index, frame in iter_frames(container, stream):
             if max_frames is not None and index >= max_frames:

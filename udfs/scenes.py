@@ -80,6 +80,7 @@ class _SceneSplit:
         crop_s: float,
         decode_threads: int,
         decode_workers: int,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if long_scene_mode not in LONG_SCENE_MODES:
             raise ValueError(f"long_scene_mode must be one of {LONG_SCENE_MODES}, got {long_scene_mode!r}")
@@ -88,6 +89,7 @@ class _SceneSplit:
         self.threshold = float(threshold)
         self.decode_threads = int(decode_threads)
         self.decode_workers = int(decode_workers)
+        self.storage_options = storage_options
 
     def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
         """Per (uri, fps), in order: (N,) float32 scores or the exception."""
@@ -167,10 +169,11 @@ class TransNetV2Split(_SceneSplit):
         decode_workers: int = 1,
         prefetch_videos: int = 2,
         torch_threads: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(threshold=threshold, min_scene_s=min_scene_s, max_scene_s=max_scene_s,
                          long_scene_mode=long_scene_mode, crop_s=crop_s, decode_threads=decode_threads,
-                         decode_workers=decode_workers)
+                         decode_workers=decode_workers, storage_options=storage_options)
         import torch
 
         from udfs.transnetv2 import TransNetV2Predictor
@@ -185,7 +188,7 @@ class TransNetV2Split(_SceneSplit):
 
     def _decode(self, video: tuple[str, float]) -> Any:
         return decode_small(video[0], 48, 27, use_gpu=self.use_gpu_decode, threads=self.decode_threads,
-                            interpolation=self.interpolation)
+                            interpolation=self.interpolation, storage_options=self.storage_options)
 
     def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
         frames = _prefetched(self._decode, videos, self.decode_workers, self.prefetch_videos)
@@ -213,10 +216,11 @@ class ContentSplit(_SceneSplit):
         interpolation: str = "FAST_BILINEAR",
         decode_threads: int = 1,
         decode_workers: int = 1,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(threshold=threshold, min_scene_s=min_scene_s, max_scene_s=max_scene_s,
                          long_scene_mode=long_scene_mode, crop_s=crop_s, decode_threads=decode_threads,
-                         decode_workers=decode_workers)
+                         decode_workers=decode_workers, storage_options=storage_options)
         self.width, self.height = int(width), int(height)
         self.gradual_s = gradual_s
         self.interpolation = interpolation
@@ -224,7 +228,7 @@ class ContentSplit(_SceneSplit):
     def _score(self, video: tuple[str, float]) -> np.ndarray:
         uri, fps = video
         frames = decode_small_cpu(uri, self.width, self.height, threads=self.decode_threads,
-                                  interpolation=self.interpolation)
+                                  interpolation=self.interpolation, storage_options=self.storage_options)
         return content_scores(frames, float(fps or 0) or 25.0, gradual_s=self.gradual_s)
 
     def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
