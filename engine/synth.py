@@ -15,6 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from udfs.video_io import encode_frames
+
 BARCODE_BITS = 16
 
 
@@ -109,15 +111,7 @@ def _add_video_stream(out: av.container.OutputContainer, *, codec: str, width: i
 
 def _encode_rgb(out: av.container.OutputContainer, stream: av.video.stream.VideoStream,
                 images: Iterable[np.ndarray], rate: Fraction) -> None:
-    """Encode RGB images as consecutive frames, then flush the encoder."""
-    for i, img in enumerate(images):
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts = i
-        frame.time_base = 1 / rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-    for packet in stream.encode():
-        out.mux(packet)
+    encode_frames(out, stream, (av.VideoFrame.from_ndarray(img, format="rgb24") for img in images), rate)
 
 
 def write_video(

@@ -12,6 +12,8 @@ from fractions import Fraction
 
 import av
 
+from udfs.video_io import encode_frames
+
 
 def preview_size(width: int, height: int, target_height: int) -> tuple[int, int]:
     """(w, h) at `target_height` (never upscaled), aspect kept, both even."""
@@ -49,11 +51,5 @@ def encode_webp(frames: list[av.VideoFrame], fps: float, *, quality: int = 50, l
         stream.height = frames[0].height
         stream.pix_fmt = "yuv420p" if not lossless else "bgra"
         stream.options = {"loop": "0", "quality": str(quality), "lossless": "1" if lossless else "0"}
-        for i, frame in enumerate(frames):
-            frame.pts = i
-            frame.time_base = 1 / rate
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        encode_frames(out, stream, frames, rate)
     return buf.getvalue()

@@ -9,7 +9,7 @@ gaps, edit lists or variable frame rates.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -125,3 +125,15 @@ def unpack_frames(frames: list[bytes] | None, hw: list[int] | None) -> np.ndarra
         return np.zeros((0, h, w, 3), dtype=np.uint8)
     h, w = int(hw[0]), int(hw[1])
     return np.frombuffer(b"".join(frames), dtype=np.uint8).reshape(len(frames), h, w, 3)
+
+
+def encode_frames(out: av.container.OutputContainer, stream: av.video.stream.VideoStream,
+                  frames: Iterable[av.VideoFrame], rate: Fraction) -> None:
+    """Encode `frames` as consecutive frames at `rate`, mux them, flush."""
+    for i, frame in enumerate(frames):
+        frame.pts = i
+        frame.time_base = 1 / rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
