@@ -167,7 +167,7 @@ def plan_clip_stages(cfg: DictConfig) -> list[StageStep]:
             raise ValueError(f"unknown embed={embed['name']!r}; choose one of {['none', *EMBED_STAGES]}")
         params = resolve_stage_models(_params(embed))
         params["name"] = embed["name"]
-        consumers["embed"] = embed.get("frames") or consumers_cfg.get("embed")
+        consumers["embed"] = embed.get("frames")
         dim = embedding_dim(embed["name"], params["model"])
         model_steps.append(StageStep.from_node("embed", EMBED_STAGES[embed["name"]], embed, params=params,
                                                extra_fields=clip_embedding_fields(dim)))
@@ -177,7 +177,7 @@ def plan_clip_stages(cfg: DictConfig) -> list[StageStep]:
         if caption["name"] not in CAPTION_STAGES:
             raise ValueError(f"unknown caption={caption['name']!r}; choose one of {['none', *CAPTION_STAGES]}")
         params = resolve_stage_models(_params(caption))
-        consumers["caption"] = caption.get("frames") or consumers_cfg.get("caption")
+        consumers["caption"] = caption.get("frames")
         model_steps.append(StageStep.from_node("caption", CAPTION_STAGES[caption["name"]], caption, params=params,
                                                extra_fields=CLIP_CAPTION_FIELDS))
 
@@ -185,7 +185,8 @@ def plan_clip_stages(cfg: DictConfig) -> list[StageStep]:
     if motion_on or consumers:
         missing = [name for name, spec in consumers.items() if not spec]
         if missing:
-            raise ValueError(f"no frame spec for consumer(s) {missing}: set frames.consumers.<name>")
+            raise ValueError(f"no frame spec for consumer(s) {missing}: set frames.consumers.aesthetic, "
+                             "embed.frames or caption.frames")
         analysis = StageStep.from_node(
             "clip_analysis", "udfs.analysis:ClipAnalysis", cfg.frames,
             params={"consumers": consumers, "motion": motion},
