@@ -46,9 +46,7 @@ def main(cfg: DictConfig) -> None:
     output = job_output(cfg)
     summary = run(cfg, output=output)
     brief = {k: summary[k] for k in ("videos", "videos_ok", "videos_failed", "clips", "clips_failed",
-                                     "hours_in", "hours_out")}
-    if "clips_passed" in summary:
-        brief["clips_passed"] = summary["clips_passed"]
+                                     "clips_passed", "hours_in", "hours_out")}
     brief["wall_s"] = round(summary["wall_s"]["total"], 2)
     log.info("done: %s -> %s", json.dumps(brief), output)
     for err in summary["errors"]:

@@ -15,8 +15,9 @@ import pyarrow.compute as pc
 from engine.lance_io import remove_dataset, write_table
 from engine.uris import arrow_fs, scheme_of
 
-# Clip columns that are cheap to scan: everything but the media blobs.
-CLIP_STAT_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "num_bytes", "error"]
+# The clip columns the video table's counts and the summary need: one scan,
+# no media blobs.
+CLIP_STAT_COLUMNS = ["video_id", "start_s", "end_s", "num_bytes", "error", "passed"]
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,13 @@ def _join(root: str, name: str) -> str:
 
 
 def clip_stats(clips: lance.LanceDataset) -> pl.DataFrame:
-    columns = [c for c in CLIP_STAT_COLUMNS if c in clips.schema.names]
-    return pl.from_arrow(clips.to_table(columns=columns))
+    return pl.from_arrow(clips.to_table(columns=CLIP_STAT_COLUMNS))
 
 
-def write_video_table(video_table: pa.Table, clips: lance.LanceDataset, layout: OutputLayout, schema: pa.Schema,
+def write_video_table(video_table: pa.Table, stats: pl.DataFrame, layout: OutputLayout, schema: pa.Schema,
                       storage_options: dict[str, Any] | None) -> pa.Table:
-    """The video table with per-video clip counts; a video whose clips all
-    failed gets the first clip error as its own."""
-    stats = clip_stats(clips)
+    """The video table with per-video clip counts from `clip_stats`; a video
+    whose clips all failed gets the first clip error as its own."""
     per_video = (
         stats.group_by("video_id")
         .agg(
@@ -92,9 +91,8 @@ def write_video_table(video_table: pa.Table, clips: lance.LanceDataset, layout: 
     return table
 
 
-def summarise(*, videos: pa.Table, clips: lance.LanceDataset, stage_times: dict[str, dict[str, float]],
+def summarise(*, videos: pa.Table, stats: pl.DataFrame, stage_times: dict[str, dict[str, float]],
               pipeline_s: float, total_s: float, config: dict[str, Any], exports: dict[str, str]) -> dict[str, Any]:
-    stats = clip_stats(clips)
     ok = stats.filter(pl.col("error").is_null()) if stats.height else stats
     failed_videos = videos.filter(pc.is_valid(videos.column("error")))
     good_videos = videos.filter(pc.is_null(videos.column("error")))
@@ -108,6 +106,7 @@ def summarise(*, videos: pa.Table, clips: lance.LanceDataset, stage_times: dict[
                                                         failed_videos.column("error").to_pylist())],
         "clips": ok.height,
         "clips_failed": stats.height - ok.height,
+        "clips_passed": int(stats["passed"].fill_null(False).sum()) if stats.height else 0,
         "hours_in": hours_in,
         "hours_out": hours_out,
         "clip_bytes": int(ok["num_bytes"].sum()) if ok.height else 0,
@@ -116,9 +115,6 @@ def summarise(*, videos: pa.Table, clips: lance.LanceDataset, stage_times: dict[
         "exports": exports,
         "config": config,
     }
-    if "passed" in clips.schema.names:
-        summary["clips_passed"] = int(pc.sum(pc.fill_null(clips.to_table(columns=["passed"]).column("passed"),
-                                                          False)).as_py() or 0)
     return summary
 
 

@@ -79,10 +79,10 @@ class StageStep:
 
     @classmethod
     def from_node(cls, name: str, impl: str | type, node: DictConfig | dict, *, params: dict[str, Any] | None = None,
-                  extra_fields: list[pa.Field] | None = None) -> StageStep:
+                  extra_fields: list[pa.Field] | None = None, max_parallel: int | None = None) -> StageStep:
         data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
         resources = data.get("resources") or {}
-        stage_params = {k: v for k, v in data.items() if k not in ENGINE_KEYS}
+        stage_params = _params(data)
         if params:
             stage_params.update(params)
         return cls(
@@ -94,18 +94,19 @@ class StageStep:
             batch_size=resources.get("batch_size", 1),
             concurrency=resources.get("concurrency"),
             actors=bool(resources.get("actors", True)),
+            max_parallel=max_parallel,
             extra_fields=list(extra_fields or []),
         )
 
 
-def plan_video_stages(cfg: DictConfig) -> list[StageStep]:
+def plan_video_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
     storage = {"storage_options": _storage_options(cfg)}
     split_name = cfg.split.name
     if split_name not in SPLITTERS:
         raise ValueError(f"unknown split={split_name!r}; choose one of {sorted(SPLITTERS)}")
     split_params: dict[str, Any] = {}
     if "storage_options" in cfg.split:
-        split_params["storage_options"] = _storage_options(cfg)
+        split_params.update(storage)
     weights = cfg.split.get("weights")
     if weights and not os.path.exists(str(weights)):
         # A hub id: download once here rather than in every actor.
@@ -113,8 +114,9 @@ def plan_video_stages(cfg: DictConfig) -> list[StageStep]:
 
         split_params["weights"] = resolve_model(str(weights), revision=cfg.split.get("revision"))
     return [
-        StageStep.from_node("probe", "udfs.probe:ProbeVideos", cfg.probe, params=storage),
-        StageStep.from_node(f"split_{split_name}", SPLITTERS[split_name], cfg.split, params=split_params),
+        StageStep.from_node("probe", "udfs.probe:ProbeVideos", cfg.probe, params=storage, max_parallel=num_videos),
+        StageStep.from_node(f"split_{split_name}", SPLITTERS[split_name], cfg.split, params=split_params,
+                            max_parallel=num_videos),
     ]
 
 
@@ -133,7 +135,7 @@ def _require_file(path: str | None, what: str) -> str:
     return path
 
 
-def plan_clip_stages(cfg: DictConfig) -> list[StageStep]:
+def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
     """Transcode, then (when enabled) one decode of each clip for motion and
     frames, then the model stages that consume those frames.
 
@@ -143,8 +145,10 @@ def plan_clip_stages(cfg: DictConfig) -> list[StageStep]:
 
     preview = _node(cfg, "preview")
     steps = [
+        # Transcode works per video; the stages after it see clips.
         StageStep.from_node("transcode", "udfs.transcode:ClipTranscoder", cfg.transcode,
-                            params={"preview": preview, "storage_options": _storage_options(cfg)}),
+                            params={"preview": preview, "storage_options": _storage_options(cfg)},
+                            max_parallel=num_videos),
     ]
     motion, aesthetic, embed, caption = (_node(cfg, k) for k in ("motion", "aesthetic", "embed", "caption"))
     frames = _node(cfg, "frames")
@@ -201,10 +205,9 @@ def _storage_options(cfg: DictConfig) -> dict[str, Any] | None:
     return OmegaConf.to_container(opts, resolve=True) if opts else None
 
 
-def _pool(step: StageStep) -> ActorPoolStrategy:
+def _pool(step: StageStep, cpus: float, gpus: float) -> ActorPoolStrategy:
     if step.concurrency:
         return ActorPoolStrategy(size=int(step.concurrency))
-    cpus, gpus = cluster_resources()
     if step.num_gpus > 0:
         limit = int(gpus // step.num_gpus)
     else:
@@ -250,7 +253,7 @@ def _call_stage(batch: pa.Table, *, stage: type, params: dict[str, Any]) -> pa.T
     return stage(**params)(batch)
 
 
-def _apply(ds: ray.data.Dataset, step: StageStep, clock_name: str) -> ray.data.Dataset:
+def _apply(ds: ray.data.Dataset, step: StageStep, clock_name: str, cpus: float, gpus: float) -> ray.data.Dataset:
     common = dict(batch_format="pyarrow", batch_size=step.batch_size, num_cpus=step.num_cpus,
                   num_gpus=step.num_gpus or None)
     stage = timed(step.cls, step.name, clock_name)
@@ -258,7 +261,7 @@ def _apply(ds: ray.data.Dataset, step: StageStep, clock_name: str) -> ray.data.D
         compute = TaskPoolStrategy(size=int(step.concurrency)) if step.concurrency else None
         return ds.map_batches(_call_stage, fn_kwargs={"stage": stage, "params": step.params}, compute=compute,
                               **common)
-    return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=_pool(step), **common)
+    return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=_pool(step, cpus, gpus), **common)
 
 
 def table_metadata(cfg: DictConfig, schema: pa.Schema) -> dict[str, str]:
@@ -312,8 +315,8 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
 
     if cfg.export.get("nemo_layout") and scheme_of(str(output)):
         raise ValueError("export.nemo_layout writes plain files and needs a local output directory")
-    video_steps = plan_video_stages(cfg)
-    clip_steps = plan_clip_stages(cfg)
+    video_steps = plan_video_stages(cfg, len(uris))
+    clip_steps = plan_clip_stages(cfg, len(uris))
     final_clip_schema = clip_schema([*(f for step in clip_steps for f in step.extra_fields), *CLIP_FILTER_FIELDS])
     final_clip_schema = final_clip_schema.with_metadata(table_metadata(cfg, final_clip_schema))
 
@@ -321,13 +324,13 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
     clock, clock_name = start_clock(uuid.uuid4().hex[:12])
     try:
         ray_start = time.perf_counter()
-        # Blocks are cut here rather than by `repartition`, whose shuffle tasks
-        # need CPUs that the stage actors already hold on a small machine.
         cpus, gpus = cluster_resources()
         check_gpus([*video_steps, *clip_steps], gpus)
+        # Blocks are cut here rather than by `repartition`, whose shuffle tasks
+        # need CPUs that the stage actors already hold on a small machine.
         videos_ds = ray.data.from_arrow(_blocks(pa.table({"uri": uris}), 256))
         for step in fit_to_cluster(video_steps, cpus, gpus):
-            videos_ds = _apply(videos_ds, dataclasses.replace(step, max_parallel=len(uris)), clock_name)
+            videos_ds = _apply(videos_ds, step, clock_name, cpus, gpus)
         videos_ds = videos_ds.materialize()
         video_table = pa.concat_tables(ray.get(videos_ds.to_arrow_refs()), promote_options="default")
 
@@ -338,22 +341,21 @@ def run(cfg: DictConfig, output: str | None = None) -> dict[str, Any]:
             "uri": layout.clips, "schema": final_clip_schema, "storage_options": lance_options})
         *clip_steps, writer = fit_to_cluster([*clip_steps, writer], cpus, gpus)
         for step in clip_steps:
-            # Only the transcode sees videos; later stages see clips.
-            limit = len(uris) if step.name == "transcode" else None
-            clips_ds = _apply(clips_ds, dataclasses.replace(step, max_parallel=limit), clock_name)
+            clips_ds = _apply(clips_ds, step, clock_name, cpus, gpus)
         # Every good clip passes unless a filter said otherwise; error rows get passed=null.
         clips_ds = clips_ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None)
-        fragments = [row["fragment"] for row in _apply(clips_ds, writer, clock_name).take_all()]
+        fragments = [row["fragment"] for row in _apply(clips_ds, writer, clock_name, cpus, gpus).take_all()]
         clips = commit_fragments(layout.clips, fragments, empty.version, lance_options)
         pipeline_s = time.perf_counter() - ray_start
         stage_times = ray.get(clock.snapshot.remote())
     finally:
         ray.kill(clock)
 
-    videos = outputs.write_video_table(video_table, clips, layout, VIDEO_SCHEMA, lance_options)
+    stats = outputs.clip_stats(clips)
+    videos = outputs.write_video_table(video_table, stats, layout, VIDEO_SCHEMA, lance_options)
     exports = outputs.write_exports(cfg.export, clips, layout, storage_options)
     summary = outputs.summarise(
-        videos=videos, clips=clips, stage_times=stage_times, pipeline_s=pipeline_s,
+        videos=videos, stats=stats, stage_times=stage_times, pipeline_s=pipeline_s,
         total_s=time.perf_counter() - started, config=redacted_config(cfg), exports=exports,
     )
     outputs.write_summary(summary, layout, storage_options)
