@@ -1,4 +1,4 @@
-"""The Hydra application: `python -m engine input=PATH output=PATH [+experiment=NAME] [k=v ...]`."""
+"""The Hydra application: `python -m engine [task=NAME] input=PATH output=PATH [+experiment=NAME] [k=v ...]`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger("reelsift")
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+# The curate summary's headline numbers, for the log line at the end.
+CURATE_BRIEF = ("videos", "videos_ok", "videos_failed", "clips", "clips_failed", "clips_passed", "hours_in", "hours_out")
 
 
 def job_output(cfg: DictConfig) -> str:
@@ -38,16 +41,24 @@ def prepare_sample(cfg: DictConfig) -> None:
     make_sample_set(target)
 
 
+def log_summary(task: str, summary: dict, output: str) -> None:
+    if task == "curate":
+        brief = {k: summary[k] for k in CURATE_BRIEF}
+        brief["wall_s"] = round(summary["wall_s"]["total"], 2)
+        log.info("done: %s -> %s", json.dumps(brief), output)
+        for err in summary["errors"]:
+            log.warning("input error: %s: %s", err["uri"], err["error"])
+        return
+    brief = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+    log.info("%s done: %s -> %s", task, json.dumps(brief, default=str), output)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from engine.pipeline import run
+    from engine.tasks import READS_VIDEOS, run_tasks, task_steps
 
-    prepare_sample(cfg)
-    output = job_output(cfg)
-    summary = run(cfg, output=output)
-    brief = {k: summary[k] for k in ("videos", "videos_ok", "videos_failed", "clips", "clips_failed",
-                                     "clips_passed", "hours_in", "hours_out")}
-    brief["wall_s"] = round(summary["wall_s"]["total"], 2)
-    log.info("done: %s -> %s", json.dumps(brief), output)
-    for err in summary["errors"]:
-        log.warning("input error: %s: %s", err["uri"], err["error"])
+    if READS_VIDEOS.intersection(task_steps(cfg)):
+        prepare_sample(cfg)
+    with open_dict(cfg):
+        cfg.output = job_output(cfg)
+    run_tasks(cfg, after=lambda name, summary: log_summary(name, summary, str(cfg.output)))

@@ -1,4 +1,5 @@
-"""What a run leaves on disk: the two Lance tables, summary.json, exports."""
+"""What a run leaves in its output folder: where each table lives, the video
+table and summary.json, and the run settings every task shares."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from omegaconf import DictConfig, OmegaConf
+
 from engine.lance_io import remove_dataset, write_table
 from engine.uris import arrow_fs, scheme_of
 
@@ -20,21 +23,47 @@ from engine.uris import arrow_fs, scheme_of
 CLIP_STAT_COLUMNS = ["video_id", "start_s", "end_s", "num_bytes", "error", "passed"]
 
 
+def storage_options(cfg: DictConfig) -> dict[str, Any] | None:
+    """Object-store credentials of the run (`storage_options`), pyarrow form."""
+    opts = cfg.get("storage_options")
+    return OmegaConf.to_container(opts, resolve=True) if opts else None
+
+
+def redacted_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config for a summary file, without credentials."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if config.get("storage_options"):
+        config["storage_options"] = {k: "<redacted>" for k in config["storage_options"]}
+    return config
+
+
 @dataclass(frozen=True)
 class OutputLayout:
     root: str
 
     @property
     def clips(self) -> str:
-        return _join(self.root, "clips.lance")
+        return join(self.root, "clips.lance")
 
     @property
     def videos(self) -> str:
-        return _join(self.root, "videos.lance")
+        return join(self.root, "videos.lance")
 
     @property
     def summary(self) -> str:
-        return _join(self.root, "summary.json")
+        return join(self.root, "summary.json")
+
+    def path(self, *parts: str) -> str:
+        """A file or folder inside the output (`dedup/`, `exports/`, ...)."""
+        return join(self.root, *parts)
+
+    def open_clips(self, storage_options: dict[str, Any] | None = None) -> lance.LanceDataset:
+        """The clip table of an existing output, for the tasks that read it."""
+        try:
+            return lance.dataset(self.clips, storage_options=storage_options)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise FileNotFoundError(f"no clip table at {self.clips}: run task=curate on this output first "
+                                    f"({type(exc).__name__}: {exc})") from exc
 
     def prepare(self, *, overwrite: bool) -> None:
         if scheme_of(self.root):
@@ -48,8 +77,9 @@ class OutputLayout:
         os.makedirs(self.root, exist_ok=True)
 
 
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name if scheme_of(root) else os.path.join(root, name)
+def join(root: str, *parts: str) -> str:
+    """`root`/parts for a local folder or an object-store prefix."""
+    return "/".join([root.rstrip("/"), *parts]) if scheme_of(root) else os.path.join(root, *parts)
 
 
 def clip_stats(clips: lance.LanceDataset) -> pl.DataFrame:
@@ -127,18 +157,3 @@ def write_summary(summary: dict[str, Any], layout: OutputLayout, storage_options
     else:
         with open(layout.summary, "w") as fh:
             fh.write(text)
-
-
-def write_exports(export_cfg: Any, clips: lance.LanceDataset, layout: OutputLayout,
-                  storage_options: dict[str, Any] | None = None) -> dict[str, str]:
-    """Optional extra layouts of the clip table, for tools that want files."""
-    from engine import exports
-
-    done: dict[str, str] = {}
-    if export_cfg.get("parquet"):
-        path = _join(layout.root, "clips.parquet")
-        fs, fs_path = arrow_fs(path, storage_options) if scheme_of(path) else (None, path)
-        done["parquet"] = exports.write_parquet(clips, fs_path, filesystem=fs)
-    if export_cfg.get("nemo_layout"):
-        done["nemo_layout"] = exports.write_nemo_layout(clips, layout.root)
-    return done

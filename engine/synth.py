@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from udfs.video_io import encode_frames
+from udfs.media.video import encode_frames
 
 BARCODE_BITS = 16
 

@@ -30,8 +30,8 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.synth import write_video  # noqa: E402
-from udfs.analysis import ClipAnalysis  # noqa: E402
-from udfs.video_io import decode_rgb_bytes  # noqa: E402
+from udfs.analysis.clip_analysis import ClipAnalysis  # noqa: E402
+from udfs.media.video import decode_rgb_bytes  # noqa: E402
 
 CONSUMERS = {
     "aesthetic": {"policy": "sequence", "fps": 1, "size": 224, "crop": True},
@@ -104,7 +104,7 @@ def bench_aesthetic(args, tmp: Path) -> dict:
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from udfs.aesthetic import AestheticHead, AestheticScorer
+    from udfs.analysis.aesthetic import AestheticHead, AestheticScorer
 
     torch.set_num_threads(args.torch_threads)
     config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.schema import frame_fields  # noqa: E402
 from engine.synth import write_video
 from scripts.random_models import build_clip, build_qwen2_5_vl
-from udfs.caption import CaptionStage, Window, window_spans
-from udfs.embed import ClipEmbedStage, l2_normalize, _features
-from udfs.video_io import decode_rgb, pack_frames
+from udfs.models.caption import CaptionStage, Window, window_spans
+from udfs.models.embed import ClipEmbedStage, l2_normalize, _features
+from udfs.media.video import decode_rgb, pack_frames
 
 # Qwen2.5-VL-style presets: (text hidden, layers, heads, kv heads, intermediate,
 # vision hidden, vision depth, vision heads, vision intermediate).
@@ -196,7 +196,7 @@ def bench_vllm(model_dir: str, clips, spans, prompt: str, max_new_tokens: int, p
         import vllm  # noqa: F401
     except ImportError:
         return {"bench": f"caption_vllm[{preset}]", "skipped": "vllm not installed"}
-    from udfs.caption import QwenVLVllmCaptioner
+    from udfs.models.caption import QwenVLVllmCaptioner
 
     captioner = QwenVLVllmCaptioner(model_dir, dtype="bfloat16")
     windows = []

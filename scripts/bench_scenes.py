@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.synth import write_video  # noqa: E402
-from udfs.scene_metrics import match_cuts  # noqa: E402
-from udfs.scene_rules import cut_frames  # noqa: E402
+from udfs.split.scene_metrics import match_cuts  # noqa: E402
+from udfs.split.scene_rules import cut_frames  # noqa: E402
 
 TOLERANCES = (0, 1, 2)
 
@@ -91,8 +91,8 @@ def main() -> None:
 
     import torch
 
-    from udfs.scene_decode import decode_small_cpu
-    from udfs.scenes import ContentSplit, TransNetV2Split
+    from udfs.split.scene_decode import decode_small_cpu
+    from udfs.split.scenes import ContentSplit, TransNetV2Split
 
     path = args.workdir / f"bench_720p_{int(args.seconds)}s.mp4"
     t0 = time.perf_counter()

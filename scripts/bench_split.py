@@ -115,10 +115,10 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from engine.cli import CONFIG_DIR
-    from engine.pipeline import run
+    from engine.curate import run
     from engine.ray_session import ensure_ray
     from engine.synth import write_video
-    from udfs.split import fixed_stride_spans
+    from udfs.split.fixed_stride import fixed_stride_spans
 
     work = Path(args.work)
     src = work / f"bench_{args.width}x{args.height}_{args.fps}fps_{int(args.seconds)}s.mp4"

@@ -20,15 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from udfs.scene_metrics import CutScore, match_cuts, score_videos  # noqa: E402
-from udfs.scene_rules import cut_frames  # noqa: E402
+from udfs.split.scene_metrics import CutScore, match_cuts, score_videos  # noqa: E402
+from udfs.split.scene_rules import cut_frames  # noqa: E402
 
 TOLERANCES = (0, 1, 2)
 DETECTORS = ("transnetv2", "content")
 
 
 def build_detector(name: str, threshold: float | None = None, **kwargs):  # -> stage instance
-    from udfs.scenes import ContentSplit, TransNetV2Split
+    from udfs.split.scenes import ContentSplit, TransNetV2Split
 
     cls = {"transnetv2": TransNetV2Split, "content": ContentSplit}[name]
     if threshold is not None:

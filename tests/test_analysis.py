@@ -15,9 +15,9 @@ import torch
 
 from engine.schema import CLIP_FILTER_FIELDS, frame_columns
 from engine.synth import read_frame_index, write_video
-from udfs.analysis import ClipAnalysis
-from udfs.frames import drop_frame_columns, parse_consumers, plan_decode
-from udfs.video_io import unpack_frames
+from udfs.analysis.clip_analysis import ClipAnalysis
+from udfs.analysis.frames import drop_frame_columns, parse_consumers, plan_decode
+from udfs.media.video import unpack_frames
 
 torch.set_num_threads(1)
 
@@ -191,7 +191,7 @@ def _mvs(blocks: list[tuple[int, int, int, int, int, int, int]]) -> np.ndarray:
 
 
 def test_flow_field_edge_cases_match_reference():
-    from udfs.motion import cell_flow, flow_field, motion_scores
+    from udfs.analysis.motion import cell_flow, flow_field, motion_scores
 
     h, w = 36, 40  # W = 8 mod 16 and H not a multiple of 8: partial blocks and cells
     mvs = _mvs([
@@ -263,7 +263,7 @@ def test_clip_without_motion_data_gets_reason(clips):
 def tiny_aesthetic(tmp_path_factory):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from udfs.aesthetic import AestheticHead
+    from udfs.analysis.aesthetic import AestheticHead
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("aesthetic")
@@ -291,7 +291,7 @@ def _direct_scores(model, head, frames: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("reduction", ["min", "mean"])
 def test_aesthetic_scores_equal_direct_model_call(clips, tiny_aesthetic, reduction):
-    from udfs.aesthetic import AestheticScorer
+    from udfs.analysis.aesthetic import AestheticScorer
 
     clip_dir, head_path, model, head = tiny_aesthetic
     analysed = ClipAnalysis(consumers={"aesthetic": CONSUMERS["aesthetic"]})(
@@ -309,7 +309,7 @@ def test_aesthetic_scores_equal_direct_model_call(clips, tiny_aesthetic, reducti
 
 
 def test_aesthetic_uncropped_frames_go_through_processor(clips, tiny_aesthetic):
-    from udfs.aesthetic import AestheticScorer
+    from udfs.analysis.aesthetic import AestheticScorer
 
     clip_dir, head_path, model, head = tiny_aesthetic
     analysed = ClipAnalysis(consumers={"aesthetic": {"policy": "middle"}})(_table([("m", clips["moving"], None)]))
@@ -322,7 +322,7 @@ def test_aesthetic_uncropped_frames_go_through_processor(clips, tiny_aesthetic):
 
 
 def test_missing_model_paths_fail_in_init(tiny_aesthetic, tmp_path):
-    from udfs.aesthetic import AestheticScorer
+    from udfs.analysis.aesthetic import AestheticScorer
 
     clip_dir, head_path, _, _ = tiny_aesthetic
     missing = tmp_path / "no-such-clip"
@@ -334,7 +334,7 @@ def test_missing_model_paths_fail_in_init(tiny_aesthetic, tmp_path):
 
 # ---------------------------------------------------------- filter decision
 def test_filtered_clips_keep_rows_with_combined_reasons(clips, tiny_aesthetic):
-    from udfs.aesthetic import AestheticScorer
+    from udfs.analysis.aesthetic import AestheticScorer
 
     clip_dir, head_path, _, _ = tiny_aesthetic
     table = _table([("m", clips["moving"], None), ("s", clips["static"], None), ("bad", None, "encode failed")])
@@ -369,7 +369,7 @@ def test_filtered_clips_keep_rows_with_combined_reasons(clips, tiny_aesthetic):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_aesthetic_on_gpu_close_to_cpu(clips, tiny_aesthetic):
-    from udfs.aesthetic import AestheticScorer
+    from udfs.analysis.aesthetic import AestheticScorer
 
     clip_dir, head_path, _, _ = tiny_aesthetic
     analysed = ClipAnalysis(consumers={"aesthetic": CONSUMERS["aesthetic"]})(_table([("m", clips["moving"], None)]))
@@ -383,8 +383,8 @@ def test_yaml_configs_build_the_stages(clips, tiny_aesthetic):
     """Config keys == constructor kwargs (besides name/resources)."""
     from omegaconf import OmegaConf
 
-    from engine.pipeline import ENGINE_KEYS
-    from udfs.aesthetic import AestheticScorer
+    from engine.stages import ENGINE_KEYS
+    from udfs.analysis.aesthetic import AestheticScorer
 
     conf = Path(__file__).resolve().parents[1] / "conf"
 
@@ -413,7 +413,7 @@ def test_clip_loads_from_a_full_clipmodel_folder(tmp_path):
     full CLIPModels; the scorer takes their vision tower + projection."""
     from transformers import CLIPConfig, CLIPModel
 
-    from udfs.aesthetic import load_clip
+    from udfs.analysis.aesthetic import load_clip
 
     torch.manual_seed(1)
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
@@ -435,7 +435,7 @@ def test_errors_recorded_after_filtering_clear_passed():
     """A clip that a later stage failed is neither kept nor filtered: passed is null."""
     import pyarrow as pa
 
-    from udfs.filtering import finalize_filter_columns, set_errors
+    from udfs.analysis.filtering import finalize_filter_columns, set_errors
 
     table = pa.table({"clip_id": ["a", "b", "c"], "error": [None, None, "decode failed"],
                       "passed": [True, False, None], "filter_reason": [None, "low motion", None]})

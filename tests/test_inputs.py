@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from engine.uris import list_inputs
-from udfs.probe import ProbeVideos
+from udfs.media.probe import ProbeVideos
 
 
 def test_directory_is_recursive_and_filtered(tmp_path, video_dir):

@@ -11,11 +11,11 @@ import torch
 from engine.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields, frame_columns
 from engine.synth import write_video
 from scripts.random_models import build_clip, build_qwen2_5_vl, build_qwen2_lm, build_siglip
-from udfs.caption import CaptionStage, QwenVLTransformersCaptioner, Window, sample_positions, window_spans
-from udfs.embed import ClipFamilyEmbedder, EmbedStage, embedding_dim, l2_normalize
-from udfs.models import ModelNotFoundError, pick_dtype, resolve_model, resolve_stage_models
-from udfs.qwen_vision import QwenVideoPatcher
-from udfs.video_io import decode_rgb, pack_frames
+from udfs.models.caption import CaptionStage, QwenVLTransformersCaptioner, Window, sample_positions, window_spans
+from udfs.models.embed import ClipFamilyEmbedder, EmbedStage, embedding_dim, l2_normalize
+from udfs.models.loading import ModelNotFoundError, pick_dtype, resolve_model, resolve_stage_models
+from udfs.models.qwen_vision import QwenVideoPatcher
+from udfs.media.video import decode_rgb, pack_frames
 
 torch.set_num_threads(1)
 
@@ -309,8 +309,8 @@ def test_yaml_keys_are_constructor_kwargs(path, cls_name) -> None:
 
     from omegaconf import OmegaConf
 
-    from udfs.caption import CAPTION_STAGES
-    from udfs.embed import EMBED_STAGES
+    from udfs.models.caption import CAPTION_STAGES
+    from udfs.models.embed import EMBED_STAGES
 
     root = Path(__file__).resolve().parents[1]
     cfg = OmegaConf.to_container(OmegaConf.load(root / path))
@@ -327,7 +327,7 @@ def test_stage_built_from_yaml_with_local_model(models, videos) -> None:
 
     from omegaconf import OmegaConf
 
-    from udfs.embed import EMBED_STAGES
+    from udfs.models.embed import EMBED_STAGES
 
     cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/embed/clip.yaml"))
     kwargs = {k: v for k, v in cfg.items() if k not in ("name", "resources")} | {"model": models["clip"]}
@@ -347,7 +347,7 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_cosmos_embed1_stage_on_remote_code_checkpoint(standin, videos) -> None:
     """The Cosmos-Embed1 path (trust_remote_code AutoModel/AutoProcessor, 8-frame
     video batches, text tower) on a tiny checkpoint with the same API."""
-    from udfs.embed import EMBED_STAGES
+    from udfs.models.embed import EMBED_STAGES
 
     stage = EMBED_STAGES["cosmos_embed1"](model=standin, frames={"policy": "uniform", "count": 8, "size": 32})
     assert stage.embedder.num_frames == 8 and stage.dim == 16

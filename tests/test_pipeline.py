@@ -13,10 +13,10 @@ from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
 from engine.lance_io import read_blob_bytes
-from engine.pipeline import run
+from engine.curate import run
 from engine.synth import read_frame_index
-from udfs.split import fixed_stride_spans
-from udfs.video_io import decode_rgb_bytes
+from udfs.split.fixed_stride import fixed_stride_spans
+from udfs.media.video import decode_rgb_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FPS = {"hd_30fps_23s.mp4": 30, "odd_25fps_12s.mp4": 25, "ntsc_29.97fps_5s.mkv": 30000 / 1001,
@@ -118,3 +118,40 @@ def test_cli_prints_config_and_runs_a_sweep(tmp_path, good_videos):
     assert swept.returncode == 0, swept.stderr[-3000:]
     sizes = [json.loads((tmp_path / "sweep" / f"job{i}" / "summary.json").read_text())["clip_bytes"] for i in (0, 1)]
     assert sizes[0] > sizes[1] > 0  # crf 20 keeps more than crf 40
+
+
+def test_task_entry_point_and_export_task(tmp_path, good_videos):
+    """`task=curate` is the old spelling's default made explicit; `task=export`
+    works on an existing output without input videos or Ray."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    video = good_videos["short_15fps_3s.mp4"]
+    out = tmp_path / "out"
+    curated = subprocess.run([sys.executable, "-m", "engine", "task=curate", f"input={video}", f"output={out}",
+                              "transcode.preset=ultrafast", "ray.num_cpus=2", "ray.progress=false"],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert curated.returncode == 0, curated.stderr[-3000:]
+    ids = sorted(lance.dataset(str(out / "clips.lance")).to_table(columns=["clip_id"])["clip_id"].to_pylist())
+    assert len(ids) == 1
+    exported = subprocess.run([sys.executable, "-m", "engine", "task=export", f"output={out}",
+                               "export.parquet=true"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                              timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    assert sorted(pq.read_table(out / "clips.parquet")["clip_id"].to_pylist()) == ids
+    missing = subprocess.run([sys.executable, "-m", "engine", "task=export", f"output={tmp_path / 'none'}",
+                              "export.parquet=true"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                             timeout=300)
+    assert missing.returncode != 0 and "run task=curate on this output first" in missing.stderr
+
+
+def test_chained_tasks_share_one_output(ray_session, good_videos, tmp_path):
+    from engine.tasks import run_tasks
+
+    cfg = config(f"input={good_videos['short_15fps_3s.mp4']}", f"output={tmp_path}", "transcode.preset=ultrafast",
+                 "preview.enabled=false", "task.steps=[curate,export]", "export.parquet=true")
+    seen = []
+    summaries = run_tasks(cfg, after=lambda name, _: seen.append(name))
+    assert seen == ["curate", "export"] == list(summaries)
+    assert summaries["curate"]["clips"] == 1
+    assert summaries["export"]["exports"]["parquet"] == str(tmp_path / "clips.parquet")

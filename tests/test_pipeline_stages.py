@@ -11,12 +11,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
-from engine.pipeline import run
+from engine.curate import run
 from engine.schema import frame_columns
 from engine.synth import write_video
 from scripts.random_models import build_clip, build_qwen2_5_vl
-from udfs.caption import window_spans
-from udfs.embed import embedding_dim
+from udfs.models.caption import window_spans
+from udfs.models.embed import embedding_dim
 
 
 def config(*overrides: str):
@@ -26,7 +26,7 @@ def config(*overrides: str):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from udfs.aesthetic import AestheticHead
+    from udfs.analysis.aesthetic import AestheticHead
 
     root = tmp_path_factory.mktemp("models")
     clip = build_clip(root / "clip")

@@ -12,10 +12,10 @@ from moto.server import ThreadedMotoServer
 
 from engine.cli import CONFIG_DIR
 from engine.lance_io import read_blob_bytes
-from engine.pipeline import run
+from engine.curate import run
 from engine.synth import read_frame_index
 from engine.uris import lance_storage_options, list_inputs
-from udfs.video_io import decode_rgb_bytes
+from udfs.media.video import decode_rgb_bytes
 
 
 @pytest.fixture(scope="module")

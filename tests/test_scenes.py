@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from engine.synth import read_frame_index, write_transition_video, write_video
-from udfs.content_detector import content_scores
-from udfs.scene_decode import decode_small_cpu
-from udfs.scene_metrics import match_cuts
-from udfs.scene_rules import cut_frames, plan_spans, scenes_from_probs, spans_from_scenes, transition_runs
-from udfs.video_io import decode_rgb
+from udfs.split.content_detector import content_scores
+from udfs.split.scene_decode import decode_small_cpu
+from udfs.split.scene_metrics import match_cuts
+from udfs.split.scene_rules import cut_frames, plan_spans, scenes_from_probs, spans_from_scenes, transition_runs
+from udfs.media.video import decode_rgb
 
 torch.set_num_threads(1)
 
@@ -59,7 +59,7 @@ def _video_table(videos: list[dict]) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def transnet_split():
-    from udfs.scenes import TransNetV2Split
+    from udfs.split.scenes import TransNetV2Split
 
     return TransNetV2Split(device="cpu", batch_size=8)
 
@@ -171,7 +171,7 @@ def test_clips_never_straddle_a_cut(transnet_out, cut_videos) -> None:
 
 def test_transnetv2_matches_reference_implementation(cut_videos) -> None:
     """Our windowing/batching vs the wheel's own predict_frames (fp32)."""
-    from udfs.transnetv2 import TransNetV2Predictor, preserved_global_state
+    from udfs.split.transnetv2 import TransNetV2Predictor, preserved_global_state
 
     frames = decode_small_cpu(cut_videos[1]["uri"])[:130]
     predictor = TransNetV2Predictor(device="cpu", batch_size=2, precision="fp32")
@@ -184,7 +184,7 @@ def test_transnetv2_matches_reference_implementation(cut_videos) -> None:
 
 
 def test_model_load_leaves_global_state_alone() -> None:
-    from udfs.transnetv2 import load_transnetv2
+    from udfs.split.transnetv2 import load_transnetv2
 
     torch.manual_seed(123)
     np.random.seed(7)
@@ -211,7 +211,7 @@ def test_model_load_leaves_global_state_alone() -> None:
 def test_weights_from_file_and_folder(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from udfs.transnetv2 import load_transnetv2, resolve_weights, wheel_weights_path
+    from udfs.split.transnetv2 import load_transnetv2, resolve_weights, wheel_weights_path
 
     assert resolve_weights(None) == wheel_weights_path()
     state = torch.load(wheel_weights_path(), map_location="cpu", weights_only=True)
@@ -245,8 +245,8 @@ def test_errors_are_per_row(transnet_split, cut_videos, tmp_path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_decode_and_inference(cut_videos) -> None:
-    from udfs.scene_decode import decode_small_gpu
-    from udfs.scenes import TransNetV2Split
+    from udfs.split.scene_decode import decode_small_gpu
+    from udfs.split.scenes import TransNetV2Split
 
     video = cut_videos[0]
     gpu = decode_small_gpu(video["uri"]).cpu().numpy()
@@ -259,7 +259,7 @@ def test_gpu_decode_and_inference(cut_videos) -> None:
 
 # ------------------------------------------------------------ content detector
 def test_content_split_finds_hard_cuts(cut_videos) -> None:
-    from udfs.scenes import ContentSplit
+    from udfs.split.scenes import ContentSplit
 
     out = ContentSplit()(_video_table(cut_videos))
     for row, video in zip(out.to_pylist(), cut_videos):
@@ -291,7 +291,7 @@ def test_config_keys_are_constructor_kwargs() -> None:
 
     from omegaconf import OmegaConf
 
-    from udfs.scenes import ContentSplit, TransNetV2Split
+    from udfs.split.scenes import ContentSplit, TransNetV2Split
 
     conf_dir = Path(__file__).resolve().parents[1] / "conf" / "split"
     for name, cls in (("transnetv2", TransNetV2Split), ("content", ContentSplit)):
@@ -308,7 +308,7 @@ def test_config_keys_are_constructor_kwargs() -> None:
 def test_hub_id_weights_resolve_through_snapshot_download(tmp_path, monkeypatch) -> None:
     import huggingface_hub
 
-    from udfs.transnetv2 import resolve_weights
+    from udfs.split.transnetv2 import resolve_weights
 
     (tmp_path / "snap").mkdir()
     (tmp_path / "snap" / "transnetv2.pth").write_bytes(b"x")
@@ -327,7 +327,7 @@ def test_hub_id_weights_resolve_through_snapshot_download(tmp_path, monkeypatch)
 def test_runs_as_ray_actor_pool_udf(cut_videos) -> None:
     """The stage as the pipeline uses it: map_batches on an actor pool."""
     ray = pytest.importorskip("ray")
-    from udfs.scenes import TransNetV2Split
+    from udfs.split.scenes import TransNetV2Split
 
     started = not ray.is_initialized()
     if started:

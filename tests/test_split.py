@@ -1,6 +1,6 @@
 import pytest
 
-from udfs.split import fixed_stride_spans
+from udfs.split.fixed_stride import fixed_stride_spans
 
 
 def test_back_to_back_with_tail_kept():

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from engine.synth import read_frame_index, write_video
-from udfs.probe import ProbeVideos
-from udfs.split import FixedStrideSplit
-from udfs.transcode import ClipTranscoder
-from udfs.video_io import decode_rgb, decode_rgb_bytes
+from udfs.media.probe import ProbeVideos
+from udfs.split.fixed_stride import FixedStrideSplit
+from udfs.media.transcode import ClipTranscoder
+from udfs.media.video import decode_rgb, decode_rgb_bytes
 
 
 def plan(uris: list[str], **split) -> pa.Table:

@@ -1,7 +1,18 @@
-"""Pipeline stages: plain callable classes, one module per stage family.
+"""Pipeline stages: plain callable classes, one subpackage per stage family.
+
+- ``udfs.media``: reading and writing video media (probe, decode/encode
+  helpers, the one-pass clip transcoder, WebP previews).
+- ``udfs.split``: where clips start and end (fixed stride; shot detection with
+  TransNetV2 or the content detector, span rules, low-res decode, metrics).
+- ``udfs.analysis``: per-clip scores and the keep/drop decision (the single
+  clip decode, frame extraction, motion, aesthetics, filter columns).
+- ``udfs.models``: learned models over clip frames (model resolution,
+  embeddings, captions, Qwen vision preprocessing).
 
 A stage's ``__init__`` loads what it needs (models, encoders); its
 ``__call__(batch: pa.Table) -> pa.Table`` (or an iterator of tables) adds the
 columns its family declares in ``engine.schema``. Stages never read Hydra
-config or global state; ``engine.pipeline`` builds them from config.
+config, Ray or global state; the tasks in ``engine`` build them from config.
+A ``udfs`` module may import only the leaf plumbing ``engine.schema`` and
+``engine.uris`` (``tests/test_layout.py`` enforces this).
 """

@@ -37,16 +37,16 @@ from engine.schema import (
 )
 from engine.timing import start_clock, timed
 from engine.uris import lance_storage_options, list_inputs, scheme_of
-from udfs.filtering import finalize_filter_columns
+from udfs.analysis.filtering import finalize_filter_columns
 
 log = logging.getLogger(__name__)
 
 # Implementations by config name, imported only when selected, so a run never
 # loads the models (or GPU libraries) of stages it does not use.
 SPLITTERS = {
-    "fixed_stride": "udfs.split:FixedStrideSplit",
-    "transnetv2": "udfs.scenes:TransNetV2Split",
-    "content": "udfs.scenes:ContentSplit",
+    "fixed_stride": "udfs.split.fixed_stride:FixedStrideSplit",
+    "transnetv2": "udfs.split.scenes:TransNetV2Split",
+    "content": "udfs.split.scenes:ContentSplit",
 }
 
 # Keys of a stage's config node that are for the engine, not the stage.
@@ -110,11 +110,11 @@ def plan_video_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
     weights = cfg.split.get("weights")
     if weights and not os.path.exists(str(weights)):
         # A hub id: download once here rather than in every actor.
-        from udfs.models import resolve_model
+        from udfs.models.loading import resolve_model
 
         split_params["weights"] = resolve_model(str(weights), revision=cfg.split.get("revision"))
     return [
-        StageStep.from_node("probe", "udfs.probe:ProbeVideos", cfg.probe, params=storage, max_parallel=num_videos),
+        StageStep.from_node("probe", "udfs.media.probe:ProbeVideos", cfg.probe, params=storage, max_parallel=num_videos),
         StageStep.from_node(f"split_{split_name}", SPLITTERS[split_name], cfg.split, params=split_params,
                             max_parallel=num_videos),
     ]
@@ -141,12 +141,12 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
 
     Models are resolved here, on the driver, before any video is decoded: a
     missing path fails the run at once, and a hub id downloads once."""
-    from udfs.models import resolve_model, resolve_stage_models
+    from udfs.models.loading import resolve_model, resolve_stage_models
 
     preview = _node(cfg, "preview")
     steps = [
         # Transcode works per video; the stages after it see clips.
-        StageStep.from_node("transcode", "udfs.transcode:ClipTranscoder", cfg.transcode,
+        StageStep.from_node("transcode", "udfs.media.transcode:ClipTranscoder", cfg.transcode,
                             params={"preview": preview, "storage_options": _storage_options(cfg)},
                             max_parallel=num_videos),
     ]
@@ -162,10 +162,10 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
         # Absolute: actors may not share the driver's working directory.
         params["head"] = os.path.abspath(_require_file(params.get("head"), "aesthetic head (aesthetic.head)"))
         consumers[params.get("consumer", "aesthetic")] = consumers_cfg.get("aesthetic")
-        model_steps.append(StageStep.from_node("aesthetic", "udfs.aesthetic:AestheticScorer", aesthetic, params=params,
+        model_steps.append(StageStep.from_node("aesthetic", "udfs.analysis.aesthetic:AestheticScorer", aesthetic, params=params,
                                                extra_fields=CLIP_AESTHETIC_FIELDS))
     if embed.get("name", "none") != "none":
-        from udfs.embed import EMBED_STAGES, embedding_dim
+        from udfs.models.embed import EMBED_STAGES, embedding_dim
 
         if embed["name"] not in EMBED_STAGES:
             raise ValueError(f"unknown embed={embed['name']!r}; choose one of {['none', *EMBED_STAGES]}")
@@ -176,7 +176,7 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
         model_steps.append(StageStep.from_node("embed", EMBED_STAGES[embed["name"]], embed, params=params,
                                                extra_fields=clip_embedding_fields(dim)))
     if caption.get("name", "none") != "none":
-        from udfs.caption import CAPTION_STAGES
+        from udfs.models.caption import CAPTION_STAGES
 
         if caption["name"] not in CAPTION_STAGES:
             raise ValueError(f"unknown caption={caption['name']!r}; choose one of {['none', *CAPTION_STAGES]}")
@@ -192,7 +192,7 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
             raise ValueError(f"no frame spec for consumer(s) {missing}: set frames.consumers.aesthetic, "
                              "embed.frames or caption.frames")
         analysis = StageStep.from_node(
-            "clip_analysis", "udfs.analysis:ClipAnalysis", cfg.frames,
+            "clip_analysis", "udfs.analysis.clip_analysis:ClipAnalysis", cfg.frames,
             params={"consumers": consumers, "motion": motion},
             extra_fields=CLIP_MOTION_FIELDS if motion_on else [],
         )

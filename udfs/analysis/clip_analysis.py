@@ -27,10 +27,10 @@ from av.video.reformatter import VideoReformatter
 import pyarrow as pa
 
 from engine.schema import CLIP_FILTER_FIELDS, CLIP_MOTION_FIELDS, frame_fields
-from udfs.filtering import apply_filter, row_errors
-from udfs.frames import FrameSpec, as_fraction, centre_crop, parse_consumers, plan_decode
-from udfs.motion import MotionScores, MotionSettings, low_motion_reason, motion_scores
-from udfs.video_io import DEFAULT_DECODE_THREADS, frame_rate, pack_frames, video_stream
+from udfs.analysis.filtering import apply_filter, row_errors
+from udfs.analysis.frames import FrameSpec, as_fraction, centre_crop, parse_consumers, plan_decode
+from udfs.analysis.motion import MotionScores, MotionSettings, low_motion_reason, motion_scores
+from udfs.media.video import DEFAULT_DECODE_THREADS, frame_rate, pack_frames, video_stream
 
 
 @dataclass
@@ -120,7 +120,7 @@ def analyse_clip(
 class ClipAnalysis:
     """Single-pass clip decode: motion scores/filter and consumer frames.
 
-    `consumers`: mapping consumer name -> frame spec (see `udfs.frames`);
+    `consumers`: mapping consumer name -> frame spec (see `udfs.analysis.frames`);
     `motion`: the motion config node (mode, global_mean_threshold,
     per_patch_min_threshold, fps, patch_size) or None for disabled.
     """

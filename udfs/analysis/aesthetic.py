@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from engine.schema import CLIP_AESTHETIC_FIELDS
-from udfs.filtering import apply_filter, ensure_filter_columns, row_errors, set_errors
-from udfs.frames import drop_frame_columns
-from udfs.models import local_model_dir, pick_device, pick_dtype
-from udfs.video_io import unpack_frames
+from udfs.analysis.filtering import apply_filter, ensure_filter_columns, row_errors, set_errors
+from udfs.analysis.frames import drop_frame_columns
+from udfs.models.loading import local_model_dir, pick_device, pick_dtype
+from udfs.media.video import unpack_frames
 
 REDUCTIONS = ("min", "mean")
 

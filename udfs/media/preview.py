@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import av
 
-from udfs.video_io import encode_frames
+from udfs.media.video import encode_frames
 
 
 def preview_size(width: int, height: int, target_height: int) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 A cut is the index of the first frame of the new shot (for gradual
 transitions, the frame after the transition's centre), the convention of
-`udfs.scene_rules.cut_frames`.
+`udfs.split.scene_rules.cut_frames`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Exports of the clip table to file layouts other tools read.
+"""The export task: the clip table written to file layouts other tools read.
+
+`python -m engine task=export output=OUT export.parquet=true` exports an
+existing output; a curate run with the same keys exports at its end.
 
 Blobs are read in chunks with Lance's blob reader, so an export never holds
 more than one chunk of clips in memory.
@@ -14,8 +17,11 @@ from typing import Any
 import lance
 import pyarrow as pa
 import pyarrow.parquet as pq
+from omegaconf import DictConfig
 
+from engine import outputs
 from engine.lance_io import read_blob_bytes
+from engine.uris import arrow_fs, lance_storage_options, scheme_of
 
 BLOB_COLUMNS = ("mp4", "preview_webp")
 CHUNK_ROWS = 64
@@ -70,3 +76,33 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, pa.Scalar):
         return value.as_py()
     return value
+
+
+def check_export_target(export_cfg: Any, root: str) -> None:
+    if export_cfg.get("nemo_layout") and scheme_of(root):
+        raise ValueError("export.nemo_layout writes plain files and needs a local output directory")
+
+
+def write_exports(export_cfg: Any, clips: lance.LanceDataset, layout: outputs.OutputLayout,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """The layouts `export_cfg` turns on; returns format -> where it went."""
+    check_export_target(export_cfg, layout.root)
+    done: dict[str, str] = {}
+    if export_cfg.get("parquet"):
+        path = outputs.join(layout.root, "clips.parquet")
+        fs, fs_path = arrow_fs(path, storage_options) if scheme_of(path) else (None, path)
+        done["parquet"] = write_parquet(clips, fs_path, filesystem=fs)
+    if export_cfg.get("nemo_layout"):
+        done["nemo_layout"] = write_nemo_layout(clips, layout.root)
+    return done
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Export `OUT/clips.lance` in the layouts `cfg.export` turns on."""
+    layout = outputs.OutputLayout(str(cfg.output))
+    storage_options = outputs.storage_options(cfg)
+    clips = layout.open_clips(lance_storage_options(storage_options))
+    done = write_exports(cfg.export, clips, layout, storage_options)
+    if not done:
+        raise ValueError("task=export has nothing to do: turn on export.parquet=true or export.nemo_layout=true")
+    return {"exports": done}

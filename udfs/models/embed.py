@@ -26,8 +26,8 @@ import pyarrow as pa
 import torch
 
 from engine.schema import clip_embedding_fields, frame_columns
-from udfs.models import local_model_dir, pick_device, pick_dtype
-from udfs.video_io import unpack_frames
+from udfs.models.loading import local_model_dir, pick_device, pick_dtype
+from udfs.media.video import unpack_frames
 
 FRAME_CONSUMER = "embed"
 

@@ -21,9 +21,9 @@ import pyarrow as pa
 import torch
 
 from engine.schema import CLIP_CAPTION_FIELDS, frame_columns
-from udfs.embed import filtered_out
-from udfs.models import local_model_dir, pick_device, pick_dtype
-from udfs.video_io import unpack_frames
+from udfs.models.embed import filtered_out
+from udfs.models.loading import local_model_dir, pick_device, pick_dtype
+from udfs.media.video import unpack_frames
 
 FRAME_CONSUMER = "caption"
 
@@ -123,7 +123,7 @@ def _sampling(temperature: float, top_p: float) -> dict[str, Any]:
 
 
 class QwenVLTransformersCaptioner:
-    """Qwen2-VL / Qwen2.5-VL (own frame patching, see `udfs.qwen_vision`) or
+    """Qwen2-VL / Qwen2.5-VL (own frame patching, see `udfs.models.qwen_vision`) or
     any other VL model whose transformers processor loads (e.g. Qwen3-VL,
     which needs torchvision) through AutoModelForImageTextToText."""
 
@@ -141,7 +141,7 @@ class QwenVLTransformersCaptioner:
         self.tokenizer.padding_side = "left"  # generation appends on the right
         self.template = _load_chat_template(self.model_dir, self.tokenizer)
         if self.model_type in ("qwen2_vl", "qwen2_5_vl"):
-            from udfs.qwen_vision import QwenVideoPatcher
+            from udfs.models.qwen_vision import QwenVideoPatcher
 
             self.patcher: Any = QwenVideoPatcher.from_pretrained(self.model_dir, max_pixels=max_pixels)
             self.processor = None

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from udfs.video_io import DEFAULT_DECODE_THREADS, iter_frames, open_video, video_stream
+from udfs.media.video import DEFAULT_DECODE_THREADS, iter_frames, open_video, video_stream
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from engine.schema import VIDEO_PROBE_FIELDS, conform, video_id_for
 from engine.uris import size_of
-from udfs.video_io import frame_rate, open_video
+from udfs.media.video import frame_rate, open_video
 
 PROBE_SCHEMA = pa.schema(VIDEO_PROBE_FIELDS)
 

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 
 from engine.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
-from udfs.content_detector import content_scores
-from udfs.scene_decode import decode_small, decode_small_cpu
-from udfs.scene_rules import LONG_SCENE_MODES, plan_spans
+from udfs.split.content_detector import content_scores
+from udfs.split.scene_decode import decode_small, decode_small_cpu
+from udfs.split.scene_rules import LONG_SCENE_MODES, plan_spans
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class TransNetV2Split(_SceneSplit):
                          decode_workers=decode_workers, storage_options=storage_options)
         import torch
 
-        from udfs.transnetv2 import TransNetV2Predictor
+        from udfs.split.transnetv2 import TransNetV2Predictor
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
@@ -198,7 +198,7 @@ class TransNetV2Split(_SceneSplit):
 
 class ContentSplit(_SceneSplit):
     """`split=content`: fast CPU-only detector (colour-histogram and luma
-    changes, see udfs/content_detector.py for the score scale) -> spans."""
+    changes, see udfs/split/content_detector.py for the score scale) -> spans."""
 
     detector_name = "content"
 

@@ -138,5 +138,5 @@ def local_model_dir(model: str, revision: str | None = None) -> str:
     except Exception as exc:  # noqa: BLE001
         raise ModelNotFoundError(
             f"model {model!r} is not in the local cache; resolve it on the driver first "
-            f"(udfs.models.resolve_model): {exc}"
+            f"(udfs.models.loading.resolve_model): {exc}"
         ) from exc

@@ -23,8 +23,8 @@ import pyarrow as pa
 from av.video.frame import PictureType
 
 from engine.schema import CLIP_BASE_SCHEMA, clip_id_for, conform
-from udfs.preview import encode_webp, preview_frame_offsets, preview_size
-from udfs.video_io import frame_rate, open_video
+from udfs.media.preview import encode_webp, preview_frame_offsets, preview_size
+from udfs.media.video import frame_rate, open_video
 
 # How long past a clip's end the video may run ahead of the audio before the
 # clip is closed without waiting for more audio (interleaving is usually <1 s).
