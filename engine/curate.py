@@ -1,19 +1,27 @@
-"""The curate task (the default): input videos -> one Ray Data job ->
-`clips.lance`, `videos.lance` and `summary.json` in the output folder.
+"""The curate task (the default): input videos -> one streaming Ray Data job
+-> `clips.lance`, `videos.lance` and `summary.json` in the output folder.
 
-The job has two phases. Video stages (probe, split) run over the video table,
-which is materialised once: it is small, and both the clip stages and the
-video table on disk need it. Clip stages then stream: transcode fans each
-video out into clip rows, later stages add columns, and workers write Lance
-fragments directly, committed once at the end.
+One stream, end to end: the driver lists the inputs into the object store in
+chunks (skipping videos the output already holds); each chunk enters when
+the ledger admits it (a bounded number of videos in flight); probe and split
+feed transcode as they finish; the clip stages add columns; writers write
+Lance fragments, one per video per batch. The driver commits complete videos
+as they finish (`engine.commits`): the first as soon as one is complete, then
+every `write.commit_every_s`. A killed run loses only the videos in flight;
+the same command again resumes (`resume=true`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -21,21 +29,24 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from engine import outputs
+from engine.commits import CommitPolicy, OutputStore, Progress, ready_rows
 from engine.export import check_export_target, write_exports
-from engine.lance_io import FragmentWriter, commit_fragments, create_empty
-from engine.ray_session import cluster_resources, ensure_ray
+from engine.lance_io import FragmentWriter
+from engine.ledger import InputChunks, report_uncut, reporting, start_ledger
+from engine.ray_session import cluster_resources, driver_node_strategy, ensure_ray
+from engine.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, encode, resume_mode
 from engine.schema import (
     CLIP_AESTHETIC_FIELDS,
     CLIP_CAPTION_FIELDS,
     CLIP_FILTER_FIELDS,
     CLIP_MOTION_FIELDS,
-    VIDEO_SCHEMA,
     clip_embedding_fields,
     clip_schema,
+    video_id_for,
 )
-from engine.stages import StageStep, apply_stage, blocks, check_gpus, fit_to_cluster, node_dict, stage_params
+from engine.stages import StageStep, apply_stage, check_gpus, fit_to_cluster, node_dict, stage_params
 from engine.timing import start_clock
-from engine.uris import lance_storage_options, list_inputs
+from engine.uris import READ_RETRIES_KEY, chunked, iter_inputs, lance_storage_options
 from udfs.analysis.filtering import finalize_filter_columns
 
 log = logging.getLogger(__name__)
@@ -48,8 +59,23 @@ SPLITTERS = {
     "content": "udfs.split.scenes:ContentSplit",
 }
 
-def plan_video_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
-    storage = {"storage_options": outputs.storage_options(cfg)}
+# URIs per input chunk (one read task), at most: the unit the ledger admits.
+# A quarter of the in-flight limit, so admission stays fine-grained.
+MAX_INPUT_CHUNK = 256
+# How often the driver looks for finished videos when no output arrives.
+POLL_S = 0.5
+
+
+def stage_storage_options(cfg: DictConfig) -> dict[str, Any]:
+    """What the stages that read inputs get: the credentials plus the read
+    retry policy (`read_retries`)."""
+    options = dict(outputs.storage_options(cfg) or {})
+    options[READ_RETRIES_KEY] = node_dict(cfg, "read_retries")
+    return options
+
+
+def plan_video_stages(cfg: DictConfig, num_videos: int | None) -> list[StageStep]:
+    storage = {"storage_options": stage_storage_options(cfg)}
     split_name = cfg.split.name
     if split_name not in SPLITTERS:
         raise ValueError(f"unknown split={split_name!r}; choose one of {sorted(SPLITTERS)}")
@@ -75,7 +101,7 @@ def _require_file(path: str | None, what: str) -> str:
     return path
 
 
-def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
+def plan_clip_stages(cfg: DictConfig, num_videos: int | None) -> list[StageStep]:
     """Transcode, then (when enabled) one decode of each clip for motion and
     frames, then the model stages that consume those frames.
 
@@ -87,7 +113,7 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
     steps = [
         # Transcode works per video; the stages after it see clips.
         StageStep.from_node("transcode", "udfs.media.transcode:ClipTranscoder", cfg.transcode,
-                            params={"preview": preview, "storage_options": outputs.storage_options(cfg)},
+                            params={"preview": preview, "storage_options": stage_storage_options(cfg)},
                             max_parallel=num_videos),
     ]
     motion, aesthetic, embed, caption = (node_dict(cfg, k) for k in ("motion", "aesthetic", "embed", "caption"))
@@ -141,8 +167,9 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
 
 
 def table_metadata(cfg: DictConfig, schema: pa.Schema) -> dict[str, str]:
-    """Facts a reader of the clip table needs: which model made the vectors."""
-    meta = {"reelsift.split": str(cfg.split.name)}
+    """Facts a reader of the clip table needs: which model made the vectors,
+    and which settings made the clips (checked when a run resumes)."""
+    meta = {"reelsift.split": str(cfg.split.name), SETTINGS_KEY: encode(clip_settings(cfg))}
     if "embedding" in schema.names:
         meta.update({
             "embedding_name": str(cfg.embed.name),
@@ -154,68 +181,267 @@ def table_metadata(cfg: DictConfig, schema: pa.Schema) -> dict[str, str]:
     return meta
 
 
+def admission(cfg: DictConfig, cpus: float, video_steps: list[StageStep],
+              clip_steps: list[StageStep]) -> tuple[int, int]:
+    """(videos admitted at once, URIs per input chunk).
+
+    Every stage waits for a full batch before it starts, and Ray Data may
+    fuse transcode with the clip stage after it (whose batch then counts).
+    Admitted videos can sit in each of those batches at once, so a limit
+    below their sum plus a chunk could stall the stream; it never goes
+    below that."""
+    configured = cfg.write.get("max_videos_in_flight")
+    wanted = int(configured) if configured else int(4 * cpus)
+    chunk = max(1, min(MAX_INPUT_CHUNK, wanted // 4))
+    floor = sum(s.batch_size or 1 for s in video_steps) + max(s.batch_size or 1 for s in clip_steps) + chunk
+    return max(wanted, floor), chunk
+
+
+def open_output(store: OutputStore, cfg: DictConfig, run_id: str) -> tuple[set[str], dict[str, Any]]:
+    """Create the output's tables, or continue them (`resume`); returns the
+    videos already done and what happened, for the summary."""
+    resume, force = resume_mode(cfg)
+    existing = None if cfg.overwrite else store.existing_clips()
+    if existing is None:
+        store.create(overwrite=bool(cfg.overwrite) or store.layout.exists(store.storage_options), run_id=run_id)
+        return set(), {"resumed": False}
+    root = store.layout.root
+    if not resume:
+        raise FileExistsError(f"{root} already holds a reelsift output; pass overwrite=true to replace it "
+                              "or resume=true to continue it")
+    recorded = (existing.schema.metadata or {}).get(SETTINGS_KEY.encode())
+    check_resumable(root, recorded.decode() if recorded else None, clip_settings(cfg), force=force)
+    have, want = [f.name for f in existing.schema], store.clip_schema.names
+    if have != want:
+        raise ResumeError(f"{root}: the clip table has columns {sorted(set(have) - set(want)) or 'none'} this run "
+                          f"would not write and lacks {sorted(set(want) - set(have)) or 'none'}; a resumed run "
+                          "must write the same columns. Pass overwrite=true to start over.")
+    rolled = store.reopen(run_id=run_id)
+    done = store.done_video_ids()
+    log.info("resuming %s: %d videos already done", root, len(done))
+    return done, {"resumed": True, "forced": force, "rolled_forward": rolled}
+
+
+def feed_inputs(uris: Iterable[str], done: set[str], chunk: int) -> tuple[list[tuple[Any, int]], int, int]:
+    """Put the URIs still to do into the object store in chunks, as the
+    listing streams by. Returns the chunks (ref, rows), and how many inputs
+    were listed and skipped."""
+    counts = {"listed": 0, "skipped": 0}
+
+    def todo() -> Iterator[str]:
+        for uri in uris:
+            counts["listed"] += 1
+            if done and video_id_for(uri) in done:
+                counts["skipped"] += 1
+                continue
+            yield uri
+
+    chunks = [(ray.put(pa.table({"uri": part})), len(part)) for part in chunked(todo(), chunk)]
+    return chunks, counts["listed"], counts["skipped"]
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Curate `cfg.input` into `cfg.output`; returns the summary written to disk."""
     started = time.perf_counter()
     output = str(cfg.output)
     layout = outputs.OutputLayout(output)
-    layout.prepare(overwrite=bool(cfg.overwrite))
     storage_options = outputs.storage_options(cfg)
     lance_options = lance_storage_options(storage_options)
 
-    uris = list_inputs(
+    uris = iter_inputs(
         OmegaConf.to_container(cfg.input, resolve=True) if OmegaConf.is_list(cfg.input) else str(cfg.input),
         root=cfg.input_root,
         extensions=list(cfg.input_extensions),
         storage_options=storage_options,
     )
     if cfg.limit:
-        uris = uris[: int(cfg.limit)]
-    if not uris:
+        uris = itertools.islice(uris, int(cfg.limit))
+    first = next(uris, None)
+    if first is None:
         raise FileNotFoundError(f"no input videos found under {cfg.input}")
+    uris = itertools.chain([first], uris)
 
     # Checked before any work, not after hours of transcoding.
     check_export_target(cfg.export, output)
-    video_steps = plan_video_stages(cfg, len(uris))
-    clip_steps = plan_clip_stages(cfg, len(uris))
+    video_steps = plan_video_stages(cfg, None)
+    clip_steps = plan_clip_stages(cfg, None)
     final_clip_schema = clip_schema([*(f for step in clip_steps for f in step.extra_fields), *CLIP_FILTER_FIELDS])
     final_clip_schema = final_clip_schema.with_metadata(table_metadata(cfg, final_clip_schema))
 
+    run_id = uuid.uuid4().hex[:12]
+    store = OutputStore(layout, final_clip_schema, lance_options)
+    done, run_info = open_output(store, cfg, run_id)
+
     ensure_ray(cfg.ray)
-    clock, clock_name = start_clock(uuid.uuid4().hex[:12])
+    clock, clock_name = start_clock(run_id, scheduling_strategy=driver_node_strategy())
+    ray_start = time.perf_counter()
     try:
-        ray_start = time.perf_counter()
         cpus, gpus = cluster_resources()
         check_gpus([*video_steps, *clip_steps], gpus)
-        videos_ds = ray.data.from_arrow(blocks(pa.table({"uri": uris}), 256))
-        for step in fit_to_cluster(video_steps, cpus, gpus):
-            videos_ds = apply_stage(videos_ds, step, clock_name, cpus, gpus)
-        videos_ds = videos_ds.materialize()
-        video_table = pa.concat_tables(ray.get(videos_ds.to_arrow_refs()), promote_options="default")
-
-        # One video per block, so videos spread over the transcode actors.
-        clips_ds = ray.data.from_arrow(blocks(video_table, 10_000))
-        empty = create_empty(layout.clips, final_clip_schema, lance_options, overwrite=bool(cfg.overwrite))
-        writer = StageStep.from_node("write", FragmentWriter, cfg.write, params={
-            "uri": layout.clips, "schema": final_clip_schema, "storage_options": lance_options})
-        *clip_steps, writer = fit_to_cluster([*clip_steps, writer], cpus, gpus)
-        for step in clip_steps:
-            clips_ds = apply_stage(clips_ds, step, clock_name, cpus, gpus)
-        # Every good clip passes unless a filter said otherwise; error rows get passed=null.
-        clips_ds = clips_ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None)
-        fragments = [row["fragment"] for row in apply_stage(clips_ds, writer, clock_name, cpus, gpus).take_all()]
-        clips = commit_fragments(layout.clips, fragments, empty.version, lance_options)
+        limit, chunk = admission(cfg, cpus, video_steps, clip_steps)
+        chunks, listed, skipped = feed_inputs(uris, done, chunk)
+        done.clear()
+        pending = sum(n for _, n in chunks)
+        log.info("%d inputs, %d already done, %d to curate", listed, skipped, pending)
+        stream = {"videos_committed": 0, "videos_incomplete": 0, "first_commit_s": None, "commits": 0,
+                  "max_videos_in_flight": limit, "most_videos_in_flight": 0}
+        if pending:
+            stream.update(curate_stream(cfg, store, chunks, video_steps, clip_steps, clock_name, run_id, limit,
+                                        cpus, gpus, started))
         pipeline_s = time.perf_counter() - ray_start
         stage_times = ray.get(clock.snapshot.remote())
     finally:
         ray.kill(clock)
 
+    removed = store.remove_orphans()
+    clips = store.clips()
     stats = outputs.clip_stats(clips)
-    videos = outputs.write_video_table(video_table, stats, layout, VIDEO_SCHEMA, lance_options)
+    videos = outputs.video_stats(store.videos())
     exports = write_exports(cfg.export, clips, layout, storage_options)
     summary = outputs.summarise(
         videos=videos, stats=stats, stage_times=stage_times, pipeline_s=pipeline_s,
         total_s=time.perf_counter() - started, config=outputs.redacted_config(cfg), exports=exports,
+        run={"id": run_id, **run_info, "videos_listed": listed, "videos_skipped": skipped,
+             "orphan_bytes_removed": removed, **stream},
     )
     outputs.write_summary(summary, layout, storage_options)
     return summary
+
+
+def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, int]], video_steps: list[StageStep],
+                  clip_steps: list[StageStep], clock_name: str, run_id: str, limit: int, cpus: float, gpus: float,
+                  started: float) -> dict[str, Any]:
+    """Run the stream over `chunks` and commit videos as they complete."""
+    pending = sum(n for _, n in chunks)
+    # No pool larger than the videos there are (or may be in flight).
+    video_steps = [dataclasses.replace(s, max_parallel=min(pending, limit)) for s in video_steps]
+    transcode, *later_steps = clip_steps
+    ledger_name = f"reelsift_ledger_{run_id}"
+    ledger = start_ledger(ledger_name, limit)
+    transcode = dataclasses.replace(transcode, cls=reporting(transcode.cls, ledger_name),
+                                    max_parallel=min(pending, limit))
+    write_node = node_dict(cfg, "write")
+    writer = StageStep.from_node("write", FragmentWriter, {"resources": write_node.get("resources") or {}}, params={
+        "uri": store.layout.clips, "schema": store.clip_schema, "storage_options": store.storage_options})
+    steps = fit_to_cluster([*video_steps, transcode, *later_steps, writer], cpus, gpus)
+    n_video = len(video_steps)
+    video_steps, (transcode, *later_steps, writer) = steps[:n_video], steps[n_video:]
+
+    # Reads wait on the ledger, so they take no CPU and run one at a time.
+    ds = ray.data.read_datasource(InputChunks(chunks, ledger_name), override_num_blocks=len(chunks), concurrency=1,
+                                  num_cpus=0)
+    for step in video_steps:
+        ds = apply_stage(ds, step, clock_name, cpus, gpus)
+    # Same resources as the split step, so Ray Data fuses the two when it can.
+    ds = ds.map_batches(report_uncut, fn_kwargs={"ledger_name": ledger_name}, batch_format="pyarrow",
+                        batch_size=None, num_cpus=video_steps[-1].num_cpus)
+    ds = one_video_per_block(ds, video_steps[-1].num_cpus)
+    for step in [transcode, *later_steps]:
+        ds = apply_stage(ds, step, clock_name, cpus, gpus)
+    # Every good clip passes unless a filter said otherwise; error rows get passed=null.
+    # The writer's share of a CPU (not Ray Data's default of a whole one, which
+    # stage actors may never leave free), so the two fuse into the writers.
+    ds = ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None, num_cpus=writer.num_cpus)
+    ds = apply_stage(ds, writer, clock_name, cpus, gpus)
+
+    policy = CommitPolicy(every_s=write_node.get("commit_every_s"), every_rows=write_node.get("commit_every_rows"))
+    progress = Progress()
+    first_commit_s = None
+    committed = 0
+    stream = _pump(ds)
+    most_in_flight = 0
+    try:
+        for item in stream:
+            if isinstance(item, pa.Table):
+                progress.add_written(item)
+            progress.add_reports(ray.get(ledger.drain.remote()))
+            end = item is _END
+            ready = progress.complete()
+            if ready and (end or policy.due(len(ready), ready_rows(progress, ready))):
+                rows, fragments, _ = progress.take(ready)
+                store.commit(rows, fragments, run_id)
+                policy.committed()
+                committed += len(ready)
+                if first_commit_s is None:
+                    first_commit_s = time.perf_counter() - started
+                log.info("committed %d videos (%d this run, %d in flight)", len(ready), committed,
+                         len(progress.videos))
+        most_in_flight = ray.get(ledger.most_in_flight.remote())
+    finally:
+        # The ledger first: the stream's reads and transcodes then fail fast
+        # if this run is being abandoned.
+        ray.kill(ledger)
+        stream.close()
+    incomplete = progress.incomplete()
+    if incomplete:
+        log.error("%d videos did not complete (a stage dropped their blocks); a re-run redoes them", len(incomplete))
+    if progress.late_fragments:
+        log.info("%d fragments written twice by retried tasks were left out (and removed)", progress.late_fragments)
+    return {"videos_committed": committed, "videos_incomplete": len(incomplete), "first_commit_s": first_commit_s,
+            "commits": store.commits, "most_videos_in_flight": most_in_flight}
+
+
+def one_video_per_block(ds: ray.data.Dataset, num_cpus: float) -> ray.data.Dataset:
+    """`ds` cut into one-row blocks, so each video gets its own transcode task
+    and videos spread over the transcode workers.
+
+    Ray Data's streaming repartition asks for a whole CPU per task and offers
+    no argument to change that; on a small machine whose CPUs the stage
+    actors already hold in fractions (`fit_to_cluster`), that task would never
+    be scheduled and the stream would stall. It gets the step before it's
+    share instead, which also lets Ray Data fuse the two."""
+    ds = ds.repartition(target_num_rows_per_block=1)
+    remote_args = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    remote_args = getattr(remote_args, "ray_remote_args", None)
+    if isinstance(remote_args, dict):
+        remote_args["num_cpus"] = num_cpus
+    else:  # a Ray Data without the field: keep the default, and say why a small cluster may stall
+        log.warning("cannot set the CPU share of Ray Data's repartition step; it asks for 1 CPU per task")
+    return ds
+
+
+_END = object()
+
+
+def _pump(ds: ray.data.Dataset) -> Iterator[Any]:
+    """The writers' output blocks as they arrive, `None` every `POLL_S` when
+    none does, then `_END`. A thread pulls the stream, so the driver can
+    commit on time while waiting; stopping the generator stops the stream."""
+    items: queue.Queue = queue.Queue(maxsize=16)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if not put(batch):
+                    return
+            put(_END)
+        except BaseException as exc:  # surfaced in the driver's thread
+            put(exc)
+
+    thread = threading.Thread(target=pull, name="reelsift-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=POLL_S)
+            except queue.Empty:
+                yield None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item is _END:
+                return
+    finally:
+        stop.set()
+        thread.join(timeout=5)

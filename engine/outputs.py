@@ -1,5 +1,6 @@
-"""What a run leaves in its output folder: where each table lives, the video
-table and summary.json, and the run settings every task shares."""
+"""What a run leaves in its output folder: where each table lives, reading
+the tables (a consistent pair while a curate run still commits), the summary
+and summary.json, and the run settings every task shares."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import pyarrow.compute as pc
 
 from omegaconf import DictConfig, OmegaConf
 
-from engine.lance_io import remove_dataset, write_table
 from engine.uris import arrow_fs, scheme_of
 
-# The clip columns the video table's counts and the summary need: one scan,
-# no media blobs.
+# The clip columns the summary needs: one scan, no media blobs.
 CLIP_STAT_COLUMNS = ["video_id", "start_s", "end_s", "num_bytes", "error", "passed"]
+# The video columns the summary needs (not the per-frame scores).
+VIDEO_STAT_COLUMNS = ["video_id", "uri", "duration_s", "error", "num_clips", "num_clip_errors"]
+# videos.lance transaction property: the clips.lance version a videos.lance
+# version completes (see engine.commits).
+CLIPS_VERSION_PROPERTY = "reelsift.clips_version"
 
 
 def storage_options(cfg: DictConfig) -> dict[str, Any] | None:
@@ -65,16 +69,40 @@ class OutputLayout:
             raise FileNotFoundError(f"no clip table at {self.clips}: run task=curate on this output first "
                                     f"({type(exc).__name__}: {exc})") from exc
 
-    def prepare(self, *, overwrite: bool) -> None:
-        if scheme_of(self.root):
-            return  # object stores: Lance creates prefixes on write
-        if not overwrite and (os.path.exists(self.clips) or os.path.exists(self.videos)):
-            raise FileExistsError(f"{self.root} already holds a reelsift output; pass overwrite=true to replace it")
-        # Workers write fragments into the clip dataset as they go, so the old
-        # one must be gone before the run starts.
-        remove_dataset(self.clips)
-        remove_dataset(self.videos)
-        os.makedirs(self.root, exist_ok=True)
+    def open_videos(self, storage_options: dict[str, Any] | None = None) -> lance.LanceDataset:
+        try:
+            return lance.dataset(self.videos, storage_options=storage_options)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise FileNotFoundError(f"no video table at {self.videos}: run task=curate on this output first "
+                                    f"({type(exc).__name__}: {exc})") from exc
+
+    def snapshot(self, storage_options: dict[str, Any] | None = None) -> tuple[lance.LanceDataset, lance.LanceDataset]:
+        """(clips, videos) at matching versions: every video row has all of its
+        clips and every clip has its video row, even while a curate run is
+        still committing. Each videos.lance version records the clips.lance
+        version it completes; a clip table without that record is returned
+        as it is."""
+        videos = self.open_videos(storage_options)
+        clips = self.open_clips(storage_options)
+        transaction = videos.read_transaction(videos.version)
+        recorded = (transaction.transaction_properties or {}).get(CLIPS_VERSION_PROPERTY) if transaction else None
+        if recorded is not None and int(recorded) != clips.version:
+            clips = clips.checkout_version(int(recorded))
+        return clips, videos
+
+    def exists(self, storage_options: dict[str, Any] | None = None) -> bool:
+        """Whether the output already holds a clip table."""
+        if not scheme_of(self.root):
+            return os.path.exists(self.clips) or os.path.exists(self.videos)
+        try:
+            lance.dataset(self.clips, storage_options=storage_options)
+            return True
+        except (FileNotFoundError, ValueError, OSError):
+            return False
+
+    def make_root(self) -> None:
+        if not scheme_of(self.root):
+            os.makedirs(self.root, exist_ok=True)
 
 
 def join(root: str, *parts: str) -> str:
@@ -86,43 +114,16 @@ def clip_stats(clips: lance.LanceDataset) -> pl.DataFrame:
     return pl.from_arrow(clips.to_table(columns=CLIP_STAT_COLUMNS))
 
 
-def write_video_table(video_table: pa.Table, stats: pl.DataFrame, layout: OutputLayout, schema: pa.Schema,
-                      storage_options: dict[str, Any] | None) -> pa.Table:
-    """The video table with per-video clip counts from `clip_stats`; a video
-    whose clips all failed gets the first clip error as its own."""
-    per_video = (
-        stats.group_by("video_id")
-        .agg(
-            pl.col("error").is_null().sum().cast(pl.Int32).alias("num_clips"),
-            pl.col("error").is_not_null().sum().cast(pl.Int32).alias("num_clip_errors"),
-            pl.col("error").drop_nulls().first().alias("first_clip_error"),
-        )
-        if stats.height
-        else pl.DataFrame(schema={"video_id": pl.String, "num_clips": pl.Int32, "num_clip_errors": pl.Int32,
-                                  "first_clip_error": pl.String})
-    )
-    videos = pl.from_arrow(video_table.drop_columns([c for c in ("num_clips", "num_clip_errors")
-                                                     if c in video_table.column_names]))
-    videos = (
-        videos.join(per_video, on="video_id", how="left")
-        .with_columns(
-            pl.col("num_clips").fill_null(0),
-            pl.col("num_clip_errors").fill_null(0),
-            pl.when(pl.col("error").is_null() & (pl.col("num_clips") == 0) & pl.col("first_clip_error").is_not_null())
-            .then(pl.col("first_clip_error"))
-            .otherwise(pl.col("error"))
-            .alias("error"),
-        )
-        .drop("first_clip_error")
-        .sort("uri")
-    )
-    table = videos.to_arrow()
-    write_table(table, layout.videos, schema, storage_options)
-    return table
+def video_stats(videos: lance.LanceDataset) -> pa.Table:
+    return videos.to_table(columns=VIDEO_STAT_COLUMNS)
 
 
 def summarise(*, videos: pa.Table, stats: pl.DataFrame, stage_times: dict[str, dict[str, float]],
-              pipeline_s: float, total_s: float, config: dict[str, Any], exports: dict[str, str]) -> dict[str, Any]:
+              pipeline_s: float, total_s: float, config: dict[str, Any], exports: dict[str, str],
+              run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Counts over the whole output (`videos`, `stats`: every committed row,
+    whichever run made it); `stage_times`, the wall times and `run` describe
+    this run."""
     ok = stats.filter(pl.col("error").is_null()) if stats.height else stats
     failed_videos = videos.filter(pc.is_valid(videos.column("error")))
     good_videos = videos.filter(pc.is_null(videos.column("error")))
@@ -141,6 +142,7 @@ def summarise(*, videos: pa.Table, stats: pl.DataFrame, stage_times: dict[str, d
         "hours_out": hours_out,
         "clip_bytes": int(ok["num_bytes"].sum()) if ok.height else 0,
         "wall_s": {"pipeline": pipeline_s, "total": total_s},
+        "run": run or {},
         "stages": stage_times,
         "exports": exports,
         "config": config,

@@ -1,4 +1,15 @@
-"""Starting or joining Ray, once per process."""
+"""Starting or joining Ray, once per process, with the settings a long run
+relies on to survive lost workers and nodes.
+
+Ray Data already retries what a lost worker or node was doing: tasks are
+retried without limit on system failures (a worker or node died), actor
+pools restart their actors without limit and retry their tasks. What it
+does not retry is an exception raised by a stage: the stages record bad
+input as error rows instead of raising, so a raise is a bug and fails the
+block. `ray.max_errored_blocks` (default 0) is how many such blocks a run may
+lose before it fails; the videos of a lost block are not committed, and the
+same command again redoes them (see docs/resilience.md).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +26,7 @@ def ensure_ray(ray_cfg: Any) -> None:
     (tests and multirun sweeps share one session)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(ray_cfg.get("progress", True))
+    ctx.max_errored_blocks = int(ray_cfg.get("max_errored_blocks", 0) or 0)
     if ray.is_initialized():
         return
     address = ray_cfg.get("address")
@@ -32,3 +44,12 @@ def ensure_ray(ray_cfg: Any) -> None:
 def cluster_resources() -> tuple[float, float]:
     res = ray.cluster_resources()
     return float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+
+
+def driver_node_strategy() -> Any:
+    """Scheduling that keeps an actor on the driver's node: a run's
+    bookkeeping actors must outlive any worker node, and when the driver's
+    node goes the run goes with it anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

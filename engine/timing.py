@@ -36,10 +36,11 @@ class StageClock:
         return {k: dict(v) for k, v in self.totals.items()}
 
 
-def start_clock(namespace_tag: str) -> tuple[Any, str]:
-    """A fresh clock actor for one run; returns (handle, name)."""
+def start_clock(namespace_tag: str, **options: Any) -> tuple[Any, str]:
+    """A fresh clock actor for one run; returns (handle, name). `options` are
+    Ray actor options (e.g. a scheduling strategy)."""
     name = f"{CLOCK_NAME}_{namespace_tag}"
-    return StageClock.options(name=name).remote(), name
+    return StageClock.options(name=name, **options).remote(), name
 
 
 def timed(stage_cls: type, stage_name: str, clock_name: str) -> type:

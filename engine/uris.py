@@ -3,16 +3,32 @@
 Everything downstream holds URIs (``/abs/path.mp4``, ``file://``, ``s3://``,
 ``http(s)://``), never open handles, so rows can move between workers and
 machines. Local paths are normalised to absolute paths.
+
+Listing streams (`iter_inputs`), so a run over a huge prefix never needs the
+whole listing at once. Remote reads (HTTP, object stores) go through file
+objects that retry a dropped connection or a transient store error with
+exponential backoff, resuming at the byte they had reached; after the last
+attempt the error is raised as an `OSError`, which the stages record as the
+video's error.
 """
 
 from __future__ import annotations
 
 import glob
+import http.client
 import json
+import logging
 import os
-from collections.abc import Iterator
-from typing import IO, Any
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".mxf"}
@@ -45,6 +61,7 @@ def _join(root: str, rel: str) -> str:
 def arrow_fs(uri: str, storage_options: dict[str, Any] | None):
     import pyarrow.fs as pafs
 
+    storage_options = store_options(storage_options)
     if storage_options and scheme_of(uri) == "s3":
         parsed = urlparse(uri)
         fs = pafs.S3FileSystem(**storage_options)
@@ -64,6 +81,7 @@ _LANCE_S3_KEYS = {
 def lance_storage_options(storage_options: dict[str, Any] | None) -> dict[str, str] | None:
     """The same credentials/endpoint in the form Lance's object store takes,
     so users give `storage_options` once, in pyarrow's S3FileSystem form."""
+    storage_options = store_options(storage_options)
     if not storage_options:
         return None
     out: dict[str, str] = {}
@@ -125,6 +143,67 @@ def normalise(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def iter_inputs(
+    spec: str | list[str],
+    *,
+    root: str | None = None,
+    extensions: frozenset[str] | list[str] = VIDEO_EXTENSIONS,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """Video URIs of an input spec, streamed, each once.
+
+    ``spec`` is a file, a directory (recursive, filtered by extension), a glob,
+    a ``.json`` file list (entries joined to ``root``), an ``s3://`` prefix or
+    object, an ``http(s)://`` URL, or a list of any of these. A file named
+    explicitly is kept whatever its extension: the user asked for it, and if it
+    is not a video the probe records why.
+
+    Directories are walked in sorted order and yielded as they are walked, so
+    the first inputs are known at once and the caller holds only what it keeps.
+    A spec that matches nothing raises `FileNotFoundError` when it is reached.
+    """
+    extensions = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    specs = [str(s) for s in ([spec] if isinstance(spec, str) else list(spec))]
+    for item in specs:  # a typo in the third spec fails now, not an hour in
+        if not scheme_of(item) and not item.lower().endswith(".json"):
+            path = normalise(_join(root or "", item) if root and not os.path.isabs(item) else item)
+            if not os.path.exists(path) and not glob.has_magic(path):
+                raise FileNotFoundError(f"input not found: {item}")
+    # Duplicates only arise across specs; remember a 64-bit digest per URI,
+    # not the URI itself.
+    seen: set[int] = set()
+    for item in specs:
+        for uri in _expand(str(item), root, extensions, storage_options):
+            key = hash(uri)
+            if key not in seen:
+                seen.add(key)
+                yield uri
+
+
+def _expand(item: str, root: str | None, extensions: frozenset[str],
+            storage_options: dict[str, Any] | None) -> Iterator[str]:
+    scheme = scheme_of(item)
+    if item.lower().endswith(".json"):
+        yield from _expand_json_list(item, root, storage_options)
+    elif scheme in HTTP_SCHEMES:
+        yield item
+    elif scheme in REMOTE_SCHEMES:
+        yield from _list_remote(item, extensions, storage_options)
+    else:
+        path = normalise(_join(root or "", item) if root and not os.path.isabs(item) else item)
+        if os.path.isdir(path):
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                yield from (os.path.join(dirpath, f) for f in sorted(filenames) if has_video_extension(f, extensions))
+        elif os.path.isfile(path):
+            yield path
+        elif glob.has_magic(path):
+            yield from (p for p in sorted(glob.iglob(path, recursive=True))
+                        if os.path.isfile(p) and has_video_extension(p, extensions))
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+
+
 def list_inputs(
     spec: str | list[str],
     *,
@@ -132,43 +211,84 @@ def list_inputs(
     extensions: frozenset[str] | list[str] = VIDEO_EXTENSIONS,
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Expand an input spec into a sorted, de-duplicated list of video URIs.
+    """`iter_inputs` as a sorted list (small inputs, tests, tools)."""
+    return sorted(iter_inputs(spec, root=root, extensions=extensions, storage_options=storage_options))
 
-    ``spec`` is a file, a directory (recursive, filtered by extension), a glob,
-    a ``.json`` file list (entries joined to ``root``), an ``s3://`` prefix or
-    object, an ``http(s)://`` URL, or a list of any of these. A file named
-    explicitly is kept whatever its extension: the user asked for it, and if it
-    is not a video the probe records why.
-    """
-    extensions = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    found: list[str] = []
-    for item in specs:
-        item = str(item)
-        scheme = scheme_of(item)
-        if item.lower().endswith(".json"):
-            found.extend(_expand_json_list(item, root, storage_options))
-        elif scheme in HTTP_SCHEMES:
-            found.append(item)
-        elif scheme in REMOTE_SCHEMES:
-            found.extend(_list_remote(item, extensions, storage_options))
-        else:
-            path = normalise(_join(root or "", item) if root and not os.path.isabs(item) else item)
-            if os.path.isdir(path):
-                for dirpath, dirnames, filenames in os.walk(path):
-                    dirnames.sort()
-                    found.extend(
-                        os.path.join(dirpath, f) for f in sorted(filenames) if has_video_extension(f, extensions)
-                    )
-            elif os.path.isfile(path):
-                found.append(path)
-            elif glob.has_magic(path):
-                found.extend(
-                    p for p in sorted(glob.glob(path, recursive=True)) if os.path.isfile(p) and has_video_extension(p, extensions)
-                )
-            else:
-                raise FileNotFoundError(f"input not found: {item}")
-    return sorted(dict.fromkeys(found))
+
+# ------------------------------------------------------------------ reading
+
+# The key of `storage_options` under which the engine passes the read retry
+# policy to the stages (it rides along with the credentials they already get);
+# it is stripped before options reach pyarrow or Lance.
+READ_RETRIES_KEY = "read_retries"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and how patiently, a remote read is retried."""
+
+    attempts: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def delay(self, failure: int) -> float:
+        """Seconds to wait after the `failure`-th consecutive failure (1-based)."""
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (failure - 1))
+
+    @classmethod
+    def of(cls, storage_options: dict[str, Any] | None) -> RetryPolicy:
+        given = (storage_options or {}).get(READ_RETRIES_KEY) or {}
+        return cls(**{k: v for k, v in dict(given).items() if v is not None})
+
+
+def store_options(storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`storage_options` without the engine's own keys: what the store takes."""
+    if not storage_options:
+        return None
+    out = {k: v for k, v in storage_options.items() if k != READ_RETRIES_KEY}
+    return out or None
+
+
+class PermanentReadError(OSError):
+    """A read that retrying cannot fix (404, access denied, not found)."""
+
+
+T = TypeVar("T")
+
+
+def with_retries(what: str, policy: RetryPolicy, fn: Callable[[], T]) -> T:
+    """`fn()`, retried with backoff on transient errors; the last error is
+    raised as an `OSError` naming `what` and the number of attempts."""
+    failures = 0
+    while True:
+        try:
+            return fn()
+        except PermanentReadError:
+            raise
+        except _TRANSIENT as exc:
+            if _is_permanent(exc):
+                raise
+            failures += 1
+            if failures >= policy.attempts:
+                raise OSError(f"{what}: giving up after {failures} attempts: {_describe(exc)}") from exc
+            delay = policy.delay(failures)
+            log.warning("%s: %s; retry %d/%d in %.1f s", what, _describe(exc), failures, policy.attempts - 1, delay)
+            time.sleep(delay)
+
+
+# Errors worth another try: connections dropped or refused, timeouts, short
+# bodies, 5xx/429 answers, object-store I/O errors.
+_TRANSIENT = (OSError, http.client.HTTPException, socket.timeout, TimeoutError, ConnectionError)
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code not in (408, 425, 429) and exc.code < 500
+    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip() or type(exc).__name__}"
 
 
 def open_uri(uri: str, storage_options: dict[str, Any] | None = None) -> IO[bytes]:
@@ -176,20 +296,19 @@ def open_uri(uri: str, storage_options: dict[str, Any] | None = None) -> IO[byte
     scheme = scheme_of(uri)
     if not scheme or scheme == "file":
         return open(normalise(uri), "rb")
+    policy = RetryPolicy.of(storage_options)
     if scheme in HTTP_SCHEMES:
-        return _HttpFile(uri)
-    fs, path = arrow_fs(uri, storage_options)
-    return fs.open_input_file(path)
+        return HttpRangeFile(uri, policy)
+    return RetryingStoreFile(uri, store_options(storage_options), policy)
 
 
 def av_source(uri: str, storage_options: dict[str, Any] | None = None) -> str | IO[bytes]:
-    """What to hand ``av.open``: FFmpeg reads local paths and HTTP itself
-    (with range requests); object stores go through a file object."""
+    """What to hand ``av.open``: local paths as paths (FFmpeg's own file I/O);
+    HTTP and object stores as retrying file objects, so a dropped connection
+    costs a retry, not the video."""
     scheme = scheme_of(uri)
     if not scheme or scheme == "file":
         return normalise(uri)
-    if scheme in HTTP_SCHEMES:
-        return uri
     return open_uri(uri, storage_options)
 
 
@@ -197,51 +316,238 @@ def size_of(uri: str, storage_options: dict[str, Any] | None = None) -> int | No
     scheme = scheme_of(uri)
     if not scheme or scheme == "file":
         return os.path.getsize(normalise(uri))
+    policy = RetryPolicy.of(storage_options)
     if scheme in HTTP_SCHEMES:
-        import urllib.request
+        def head() -> int | None:
+            req = urllib.request.Request(uri, method="HEAD")
+            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+                length = resp.headers.get("Content-Length")
+                return int(length) if length is not None else None
 
-        req = urllib.request.Request(uri, method="HEAD")
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            length = resp.headers.get("Content-Length")
-            return int(length) if length is not None else None
+        return with_retries(uri, policy, head)
     fs, path = arrow_fs(uri, storage_options)
-    return fs.get_file_info(path).size
+    return with_retries(uri, policy, lambda: fs.get_file_info(path).size)
 
 
-class _HttpFile:
-    """Minimal read-only HTTP file (the whole body, fetched once), for JSON
-    lists and other small reads; video decoding goes through FFmpeg's own
-    HTTP client, which does range requests."""
+HTTP_TIMEOUT_S = 60.0
+# Bytes discarded at most to reach an offset on a server without range support
+# before reopening counts as a failure of its own.
+_CHUNK = 1 << 20
 
-    def __init__(self, url: str) -> None:
-        import urllib.request
 
-        with urllib.request.urlopen(url, timeout=60) as resp:
-            self._data = resp.read()
+class _RetryingReader:
+    """Read-only, seekable file object over a remote stream that can be
+    reopened at an offset. Subclasses open the stream; this class keeps the
+    position and retries failed opens and reads."""
+
+    def __init__(self, uri: str, policy: RetryPolicy) -> None:
+        self.uri = uri
+        self.policy = policy
         self._pos = 0
+        self._size: int | None = None
+        self._closed = False
 
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n is None or n < 0 else self._pos + n
-        out = self._data[self._pos : end]
-        self._pos += len(out)
-        return out
+    # -- subclass hooks -----------------------------------------------------
+    def _open_at(self, pos: int) -> None:
+        raise NotImplementedError
 
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: len(self._data)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
+    def _read_open(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    def _stat_size(self) -> int | None:
+        raise NotImplementedError
+
+    # -- file protocol ------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
 
     def tell(self) -> int:
         return self._pos
 
-    def close(self) -> None:
-        self._data = b""
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            target = offset
+        elif whence == 1:
+            target = self._pos + offset
+        elif whence == 2:
+            size = self.size()
+            if size is None:
+                raise OSError(f"{self.uri}: size unknown, cannot seek from the end")
+            target = size + offset
+        else:
+            raise ValueError(f"unsupported whence {whence}")
+        target = max(0, target)
+        if target != self._pos:
+            self._drop()
+            self._pos = target
+        return self._pos
 
-    def __enter__(self) -> _HttpFile:
+    def size(self) -> int | None:
+        if self._size is None:
+            self._size = with_retries(self.uri, self.policy, self._stat_size)
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        if self._closed:
+            raise ValueError("read of a closed file")
+        if n is None or n < 0:
+            parts = []
+            while chunk := self.read(_CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        if n == 0 or (self._size is not None and self._pos >= self._size):
+            return b""
+
+        def attempt() -> bytes:
+            try:
+                data = self._read_open(n)
+            except BaseException:
+                self._drop()
+                raise
+            if not data and (self._size is None or self._pos < self._size):
+                # A body that ends before its length: the connection dropped.
+                self._drop()
+                if self._size is None:
+                    return b""
+                raise http.client.IncompleteRead(b"", self._size - self._pos)
+            return data
+
+        data = with_retries(self.uri, self.policy, attempt)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._drop()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> _RetryingReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._data.splitlines(keepends=True))
+        return iter(self.read().splitlines(keepends=True))
+
+
+class HttpRangeFile(_RetryingReader):
+    """An HTTP(S) resource as a seekable file: one streaming GET from the
+    current offset (a `Range` request), reopened after a seek or a drop.
+    Servers without range support are read from the start and skipped."""
+
+    def __init__(self, uri: str, policy: RetryPolicy | None = None) -> None:
+        super().__init__(uri, policy or RetryPolicy())
+        self._resp: http.client.HTTPResponse | None = None
+
+    def _open_at(self, pos: int) -> None:
+        req = urllib.request.Request(self.uri, headers={"Range": f"bytes={pos}-"} if pos else {})
+        resp = urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S)
+        total = _total_size(resp, pos)
+        if total is not None:
+            self._size = total
+        if pos and resp.status != 206:
+            # No range support: the body starts at 0; skip to `pos`.
+            skip = pos
+            while skip:
+                got = resp.read(min(skip, _CHUNK))
+                if not got:
+                    resp.close()
+                    raise http.client.IncompleteRead(b"", skip)
+                skip -= len(got)
+        self._resp = resp
+
+    def _read_open(self, n: int) -> bytes:
+        if self._resp is None:
+            self._open_at(self._pos)
+        assert self._resp is not None
+        return self._resp.read(n)
+
+    def _drop(self) -> None:
+        if self._resp is not None:
+            try:
+                self._resp.close()
+            except OSError:
+                pass
+            self._resp = None
+
+    def _stat_size(self) -> int | None:
+        req = urllib.request.Request(self.uri, method="HEAD")
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            length = resp.headers.get("Content-Length")
+            return int(length) if length is not None else None
+
+
+def _total_size(resp: http.client.HTTPResponse, pos: int) -> int | None:
+    content_range = resp.headers.get("Content-Range")
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1].strip()
+        if total.isdigit():
+            return int(total)
+    length = resp.headers.get("Content-Length")
+    if length is None:
+        return None
+    return int(length) + (pos if resp.status == 206 else 0)
+
+
+class RetryingStoreFile(_RetryingReader):
+    """An object-store object (pyarrow filesystem) as a seekable file whose
+    failed reads are retried by reopening the object at the same offset."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None, policy: RetryPolicy | None = None) -> None:
+        super().__init__(uri, policy or RetryPolicy())
+        self._fs, self._path = arrow_fs(uri, storage_options)
+        self._file: Any = None
+        self._size = self.size()
+
+    def _open_at(self, pos: int) -> None:
+        self._file = self._fs.open_input_file(self._path)
+        if pos:
+            self._file.seek(pos)
+
+    def _read_open(self, n: int) -> bytes:
+        if self._file is None:
+            self._open_at(self._pos)
+        return self._file.read(n)
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+    def _stat_size(self) -> int | None:
+        import pyarrow.fs as pafs
+
+        info = self._fs.get_file_info(self._path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"input not found: {self.uri}")
+        return info.size
+
+
+def read_all(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    with open_uri(uri, storage_options) as fh:
+        return fh.read()
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last may be shorter)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

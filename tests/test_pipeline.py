@@ -101,6 +101,12 @@ def test_clip_ids_identical_across_runs(first_run, ray_session, good_videos, tmp
     again = lance.dataset(str(tmp_path / "clips.lance")).to_table(columns=["clip_id", "source_uri"]).to_pylist()
     before = lance.dataset(str(out / "clips.lance")).to_table(columns=["clip_id", "source_uri"]).to_pylist()
     assert sorted(r["clip_id"] for r in again) == sorted(r["clip_id"] for r in before if r["source_uri"] in subset)
+    # The same command again resumes: every video is done, nothing is redone.
+    summary = run(cfg)
+    assert summary["run"]["videos_skipped"] == 2 and summary["run"]["videos_committed"] == 0
+    assert summary["clips"] == len(again)
+    assert lance.dataset(str(tmp_path / "clips.lance")).count_rows() == len(again)
+    cfg.resume = False
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run(cfg)
 
