@@ -318,8 +318,10 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     transcode, *later_steps = clip_steps
     ledger_name = f"reelsift_ledger_{run_id}"
     ledger = start_ledger(ledger_name, limit)
+    # One video per transcode task, never fused with the clip stage after it
+    # (whose batch of clips would become a batch of videos).
     transcode = dataclasses.replace(transcode, cls=reporting(transcode.cls, ledger_name),
-                                    max_parallel=min(pending, limit))
+                                    max_parallel=min(pending, limit), fuse=False)
     write_node = node_dict(cfg, "write")
     writer = StageStep.from_node("write", FragmentWriter, {"resources": write_node.get("resources") or {}}, params={
         "uri": store.layout.clips, "schema": store.clip_schema, "storage_options": store.storage_options})

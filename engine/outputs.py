@@ -63,18 +63,11 @@ class OutputLayout:
 
     def open_clips(self, storage_options: dict[str, Any] | None = None) -> lance.LanceDataset:
         """The clip table of an existing output, for the tasks that read it."""
-        try:
-            return lance.dataset(self.clips, storage_options=storage_options)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            raise FileNotFoundError(f"no clip table at {self.clips}: run task=curate on this output first "
-                                    f"({type(exc).__name__}: {exc})") from exc
+        return _open_table(self.clips, "clip table", storage_options)
 
     def open_videos(self, storage_options: dict[str, Any] | None = None) -> lance.LanceDataset:
-        try:
-            return lance.dataset(self.videos, storage_options=storage_options)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            raise FileNotFoundError(f"no video table at {self.videos}: run task=curate on this output first "
-                                    f"({type(exc).__name__}: {exc})") from exc
+        """The video table of an existing output."""
+        return _open_table(self.videos, "video table", storage_options)
 
     def snapshot(self, storage_options: dict[str, Any] | None = None) -> tuple[lance.LanceDataset, lance.LanceDataset]:
         """(clips, videos) at matching versions: every video row has all of its
@@ -103,6 +96,14 @@ class OutputLayout:
     def make_root(self) -> None:
         if not scheme_of(self.root):
             os.makedirs(self.root, exist_ok=True)
+
+
+def _open_table(uri: str, what: str, storage_options: dict[str, Any] | None) -> lance.LanceDataset:
+    try:
+        return lance.dataset(uri, storage_options=storage_options)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise FileNotFoundError(f"no {what} at {uri}: run task=curate on this output first "
+                                f"({type(exc).__name__}: {exc})") from exc
 
 
 def join(root: str, *parts: str) -> str:

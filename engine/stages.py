@@ -61,6 +61,10 @@ class StageStep:
     # Items this stage sees at most in parallel (videos for video-level
     # stages); None when it works on clips, whose count is not known upfront.
     max_parallel: int | None = None
+    # Whether Ray Data may fuse the step with its neighbours. A fused step
+    # takes the largest batch of the two, so a per-video stage fused with a
+    # per-clip stage would get several videos per task.
+    fuse: bool = True
     extra_fields: list[pa.Field] = field(default_factory=list)
 
     @classmethod
@@ -142,6 +146,11 @@ def apply_stage(ds: ray.data.Dataset, step: StageStep, clock_name: str, cpus: fl
     stage = timed(step.cls, step.name, clock_name)
     if not step.actors:
         compute = TaskPoolStrategy(size=int(step.concurrency)) if step.concurrency else None
+        if not step.fuse:
+            # Ray Data fuses only steps whose remote arguments are equal; the
+            # default per-worker call limit (0: none), stated explicitly,
+            # keeps this one apart. (Actor steps are never fused downstream.)
+            common["max_calls"] = 0
         return ds.map_batches(_call_stage, fn_kwargs={"stage": stage, "params": step.params}, compute=compute,
                               **common)
     return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=_pool(step, cpus, gpus), **common)

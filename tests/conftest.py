@@ -62,3 +62,20 @@ def video_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def good_videos(video_dir) -> dict[str, Path]:
     return {name: video_dir / name for name in VIDEO_SPECS}
+
+
+@pytest.fixture(scope="module")
+def local_s3():
+    """A local S3 server (moto) for one test module: (boto3 client, the
+    `storage_options` that reach it). Create the buckets you need."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    yield client, {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
+                   "secret_key": "testing", "region": "us-east-1"}
+    server.stop()

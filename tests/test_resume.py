@@ -97,8 +97,9 @@ def clean(ray_session, inputs, tmp_path_factory):
     return str(out), tables(str(out)), summary
 
 
-def crash_on(monkeypatch, table: str, call: int) -> None:
-    """Make the `call`-th commit to `table` (clips.lance | videos.lance) die."""
+def crashed_run(cfg, monkeypatch, table: str, call: int) -> None:
+    """Run `cfg` and let it die at the `call`-th commit to `table`
+    (clips.lance | videos.lance), after everything before that commit."""
     real = engine.commits.commit_append
     seen = {"n": 0}
 
@@ -109,7 +110,10 @@ def crash_on(monkeypatch, table: str, call: int) -> None:
                 raise Crash(f"killed before commit {call} of {table}")
         return real(uri, *args, **kwargs)
 
-    monkeypatch.setattr(engine.commits, "commit_append", commit_append)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.commits, "commit_append", commit_append)
+        with pytest.raises(Crash):
+            run(cfg)
 
 
 def test_streaming_commits_and_bounded_admission(clean, ray_session, inputs, tmp_path):
@@ -133,10 +137,7 @@ def test_streaming_commits_and_bounded_admission(clean, ray_session, inputs, tmp
 def test_crash_after_fragments_before_commit(clean, ray_session, inputs, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     cfg = config(f"input={inputs}", f"output={out}", *SETTINGS)
-    crash_on(monkeypatch, "clips.lance", 2)
-    with pytest.raises(Crash):
-        run(cfg)
-    monkeypatch.undo()
+    crashed_run(cfg, monkeypatch, "clips.lance", 2)
     committed = assert_whole_videos(out)
     assert 1 <= committed < 9
     assert unreferenced_files(out), "the interrupted commit's fragments are on disk, unreferenced"
@@ -151,10 +152,7 @@ def test_crash_after_fragments_before_commit(clean, ray_session, inputs, tmp_pat
 def test_crash_between_clip_and_video_commit(clean, ray_session, inputs, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     cfg = config(f"input={inputs}", f"output={out}", *SETTINGS)
-    crash_on(monkeypatch, "videos.lance", 2)
-    with pytest.raises(Crash):
-        run(cfg)
-    monkeypatch.undo()
+    crashed_run(cfg, monkeypatch, "videos.lance", 2)
     # clips.lance holds a commit whose video rows did not land; a reader
     # taking a snapshot still sees whole videos only.
     clips_now = lance.dataset(f"{out}/clips.lance")
@@ -229,26 +227,18 @@ def test_kill_9_of_the_driver_then_the_same_command(clean, inputs, tmp_path):
 # ------------------------------------------------------------------ S3
 
 @pytest.fixture(scope="module")
-def s3(inputs):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-    client.create_bucket(Bucket="raw")
-    client.create_bucket(Bucket="curated")
+def s3(local_s3, inputs):
+    client, opts = local_s3
+    # Bucket names of our own: moto keeps one store per process, shared with test_s3.
+    client.create_bucket(Bucket="resume-raw")
+    client.create_bucket(Bucket="resume-out")
     for path in sorted(inputs.iterdir()):
-        client.upload_file(str(path), "raw", f"in/{path.name}")
-    yield client, {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
-                   "secret_key": "testing", "region": "us-east-1"}
-    server.stop()
+        client.upload_file(str(path), "resume-raw", f"in/{path.name}")
+    return client, opts
 
 
 def s3_keys(client, prefix: str) -> set[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket="curated", Prefix=prefix)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="resume-out", Prefix=prefix)
     return {o["Key"].rsplit("/", 1)[1] for page in pages for o in page.get("Contents", [])}
 
 
@@ -257,23 +247,20 @@ def test_resume_after_a_crash_on_s3(ray_session, s3, monkeypatch):
     lance_opts = lance_storage_options(opts)
 
     def s3_config(output: str):
-        cfg = config("input=s3://raw/in/", f"output={output}", *SETTINGS)
+        cfg = config("input=s3://resume-raw/in/", f"output={output}", *SETTINGS)
         cfg.storage_options = opts
         return cfg
 
-    run(s3_config("s3://curated/clean"))
-    expected = tables("s3://curated/clean", lance_opts)
-    crash_on(monkeypatch, "clips.lance", 2)
-    with pytest.raises(Crash):
-        run(s3_config("s3://curated/run"))
-    monkeypatch.undo()
-    committed = assert_whole_videos("s3://curated/run", lance_opts)
+    run(s3_config("s3://resume-out/clean"))
+    expected = tables("s3://resume-out/clean", lance_opts)
+    crashed_run(s3_config("s3://resume-out/run"), monkeypatch, "clips.lance", 2)
+    committed = assert_whole_videos("s3://resume-out/run", lance_opts)
     assert 1 <= committed < 9
-    summary = run(s3_config("s3://curated/run"))
+    summary = run(s3_config("s3://resume-out/run"))
     assert summary["run"]["videos_skipped"] == committed
-    assert tables("s3://curated/run", lance_opts) == expected
-    clips = lance.dataset("s3://curated/run/clips.lance", storage_options=lance_opts)
+    assert tables("s3://resume-out/run", lance_opts) == expected
+    clips = lance.dataset("s3://resume-out/run/clips.lance", storage_options=lance_opts)
     referenced = {f.path for frag in clips.get_fragments() for f in frag.data_files()}
     assert s3_keys(client, "run/clips.lance/data/") == referenced  # the crash's fragments were removed
-    stored = json.loads(client.get_object(Bucket="curated", Key="run/summary.json")["Body"].read())
+    stored = json.loads(client.get_object(Bucket="resume-out", Key="run/summary.json")["Body"].read())
     assert stored["clips"] == summary["clips"] > 0 and stored["videos"] == 9
