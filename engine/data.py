@@ -3,8 +3,8 @@
 `ClipDataset` is a PyTorch `IterableDataset` over `OUT/clips.lance`: the
 curated view (or any Lance filter), each clip decoded with PyAV straight from
 Lance's blob reader into `num_frames` frames at a fixed rate and size, with
-its caption and any columns asked for. `ray_dataset` is the same samples as a
-Ray Data pipeline for Ray Train users.
+its caption and any columns asked for. `engine.data_ray.ray_dataset` is the
+same samples as a Ray Data pipeline for Ray Train users.
 
 Order and sharding. The selected rows of one table version are put in an
 order drawn from (seed, epoch); rank r of W takes every W-th clip of it from
@@ -82,8 +82,12 @@ def open_clips(uri: str, version: int | None = None,
             "or use ClipDataset.loader(...)")
     key = (uri, -1 if version is None else int(version), tuple(sorted((storage_options or {}).items())))
     if key not in _open_datasets:
-        _open_datasets[key] = lance.dataset(uri, version=version, storage_options=storage_options)
         _opened_in_pid = os.getpid()
+        try:
+            _open_datasets[key] = lance.dataset(uri, version=version, storage_options=storage_options)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise FileNotFoundError(f"no clip table at {uri}: run task=curate on this output first "
+                                    f"({type(exc).__name__}: {exc})") from exc
     return _open_datasets[key]
 
 
@@ -425,114 +429,3 @@ class _ClipIterator:
 
 def _lazy_blob(table: lance.LanceDataset, row_id: int) -> Any:
     return lambda: table.take_blobs("mp4", ids=[row_id])[0]
-
-
-# ----------------------------------------------------------------- Ray Data
-class ClipSampleDecoder:
-    """Ray Data UDF: rows read by `ray.data.read_lance` (with `_rowid`) ->
-    decoded samples, with the same sampler as `ClipDataset`. Clips it skips
-    (short, broken) are dropped from the batch and logged with counts."""
-
-    def __init__(self, *, uri: str, version: int, storage_options: dict[str, str] | None, spec: dict[str, Any],
-                 caption: str | None, columns: Sequence[str], seed: int, epoch: int = 0) -> None:
-        self.uri, self.version, self.storage_options = uri, version, storage_options
-        self.sampler = ClipSampler(spec=FrameSpec(**spec), caption=caption, columns=columns, seed=seed)
-        self.epoch = epoch
-        self.counts = dict.fromkeys(COUNT_KEYS, 0)
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        table = open_clips(self.uri, self.version, self.storage_options)
-        ids = [int(i) for i in batch.column("_rowid").to_pylist()]
-        rows = batch.drop_columns(["_rowid"]).to_pylist()
-        blobs = table.take_blobs("mp4", ids=ids) if ids else []
-        samples = []
-        before = dict(self.counts)
-        for row_id, row, blob in zip(ids, rows, blobs):
-            try:
-                samples.append(self.sampler.sample(row, blob, epoch=self.epoch, row_id=row_id, counts=self.counts))
-            except SkipClip:
-                continue
-            except Exception as exc:  # noqa: BLE001 - a broken clip is counted and skipped
-                self.counts["decode_errors"] += 1
-                log.warning("skipping clip %s: %s: %s", row.get("clip_id"), type(exc).__name__, exc)
-        skipped = {k: self.counts[k] - before[k] for k in COUNT_KEYS if k != "samples" and self.counts[k] != before[k]}
-        if skipped:
-            log.warning("clip sampler skipped %s in a batch of %d (totals %s)", skipped, len(ids), self.counts)
-        return _columns_of(samples, self.sampler)
-
-
-def _columns_of(samples: list[dict[str, Any]], sampler: ClipSampler) -> dict[str, np.ndarray]:
-    names = ["clip_id", "frames", "frame_indices"]
-    if sampler.caption is not None:
-        names += ["caption", "caption_frames"]
-    names += list(sampler.columns)
-    out: dict[str, np.ndarray] = {}
-    for name in names:
-        values = [s[name].numpy() if isinstance(s[name], torch.Tensor) else s[name] for s in samples]
-        if values and isinstance(values[0], np.ndarray) and len({v.shape for v in values}) == 1:
-            out[name] = np.stack(values)
-        elif not values and name in ("frames", "frame_indices", "caption_frames"):
-            out[name] = np.zeros((0,), dtype=np.uint8 if name == "frames" else np.int64)
-        else:
-            out[name] = np.array(values, dtype=object if values and not isinstance(values[0], (int, float)) else None)
-    return out
-
-
-def ray_dataset(
-    output: str,
-    *,
-    where: str | None = None,
-    num_frames: int = 16,
-    fps: float | None = None,
-    frame_stride: int | None = None,
-    size: int | tuple[int, int] | None = None,
-    columns: Sequence[str] = (),
-    caption: str | None = "clip",
-    short_clips: str = "skip",
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = False,
-    version: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-    batch_size: int = 8,
-    concurrency: int | tuple[int, int] | None = None,
-    num_cpus: float = 1.0,
-    decode_threads: int = 1,
-) -> Any:
-    """The clip samples as a Ray Data dataset (for Ray Train:
-    `iter_torch_batches`, `train.get_dataset_shard`): `read_lance` with the
-    same filter, then `ClipSampleDecoder` on an actor pool. Samples match
-    `ClipDataset`'s for the same seed and epoch; `shuffle` shuffles rows
-    (seeded) before decoding."""
-    import ray
-
-    uri = clips_uri(output)
-    lance_opts = lance_storage_options(storage_options)
-    spec = FrameSpec(num_frames=num_frames, fps=fps, frame_stride=frame_stride, size=size,
-                     short_clips=short_clips, decode_threads=decode_threads)
-    sampler = ClipSampler(spec=spec, caption=caption, columns=columns, seed=seed)
-    table = open_clips(uri, version, lance_opts)
-    version = int(table.version)
-    flt = resolve_where(where, table.schema)
-    scanner: dict[str, Any] = {"with_row_id": True}
-    if flt is not None:
-        scanner["filter"] = flt
-    ds = ray.data.read_lance(uri, version=version, columns=sampler.read_columns(table.schema),
-                             storage_options=lance_opts, scanner_options=scanner)
-    if shuffle:
-        ds = ds.random_shuffle(seed=seed + epoch)
-    spec_args = {"num_frames": spec.num_frames, "fps": spec.fps, "frame_stride": spec.frame_stride,
-                 "size": spec.size, "short_clips": spec.short_clips, "decode_threads": spec.decode_threads}
-    return ds.map_batches(
-        ClipSampleDecoder,
-        fn_constructor_kwargs={"uri": uri, "version": version, "storage_options": lance_opts, "spec": spec_args,
-                               "caption": caption, "columns": tuple(columns), "seed": seed, "epoch": epoch},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=concurrency or (1, max(1, int(_cpus()))),
-        num_cpus=num_cpus,
-    )
-
-
-def _cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 1.0))
