@@ -82,6 +82,8 @@ def training_output(ray_session, tmp_path_factory) -> Path:
     them: captions with two caption windows per clip, an 8-d embedding, the
     dedup task's `duplicate` flag (one clip), and one clip filtered out
     (passed=false). 7 clips are in the curated view."""
+    import json
+
     import lance
     import numpy as np
     import pyarrow as pa
@@ -97,8 +99,10 @@ def training_output(ray_session, tmp_path_factory) -> Path:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"input=[{','.join(str(v) for v in videos)}]", f"output={out}", "transcode.preset=ultrafast",
-            "motion.mode=disable", "split.clip_len_s=2", "split.min_clip_s=1", "ray.progress=false"])
-    run(cfg)
+            "motion.mode=disable", "split.clip_len_s=2", "split.min_clip_s=1", "ray.progress=false",
+            "export.format=parquet"])
+    summary = run(cfg)
+    (root / "curate_summary.json").write_text(json.dumps(summary, default=str))
     clips = lance.dataset(str(out / "clips.lance"))
     rows = clips.to_table(columns=["clip_id", "num_frames"]).sort_by("clip_id").to_pylist()
     rng = np.random.default_rng(0)
