@@ -113,32 +113,41 @@ def resize_geometry(width: int, height: int, size: tuple[int, int] | None) -> tu
 
 
 def decode_frames(source: str | IO[bytes], indices: np.ndarray, size: tuple[int, int] | None = None, *,
-                  threads: int = 1) -> np.ndarray:
+                  threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """Frames `indices` (any order, repeats allowed) of a video as uint8
-    (T, C, H, W). Decoding stops after the last index needed; only the
-    frames taken are converted to RGB."""
+    (T, C, H, W), written into `out` when given (e.g. a slot of a batch in
+    shared memory). Decoding stops after the last index needed; each frame
+    taken is converted to RGB and resized once, and copied once, into its
+    place(s)."""
     wanted = np.asarray(indices, dtype=np.int64)
+    places: dict[int, list[int]] = {}
+    for pos, index in enumerate(wanted.tolist()):
+        places.setdefault(index, []).append(pos)
     last = int(wanted.max())
-    needed = set(int(i) for i in wanted)
-    got: dict[int, np.ndarray] = {}
+    filled = 0
     with av.open(source, mode="r", metadata_errors="ignore") as container:
         stream = video_stream(container, threads)
         geometry: tuple[int, int, int, int] | None = None
         for index, frame in iter_frames(container, stream):
-            if index in needed:
+            if index in places:
                 if geometry is None:
                     geometry = resize_geometry(frame.width, frame.height, size)
                 sw, sh, x, y = geometry
                 rgb = frame.to_ndarray(format="rgb24", width=sw, height=sh)
                 if size is not None:
                     rgb = rgb[y : y + size[0], x : x + size[1]]
-                got[index] = rgb
+                if out is None:
+                    out = np.empty((len(wanted), 3, rgb.shape[0], rgb.shape[1]), dtype=np.uint8)
+                chw = rgb.transpose(2, 0, 1)
+                for pos in places[index]:
+                    out[pos] = chw
+                filled += 1
             if index >= last:
                 break
-    missing = needed.difference(got)
-    if missing:
-        raise ValueError(f"video ended before frame {min(missing)} ({len(got)} of {len(needed)} frames decoded)")
-    return np.ascontiguousarray(np.stack([got[int(i)] for i in wanted]).transpose(0, 3, 1, 2))
+    if filled < len(places):
+        raise ValueError(f"video ended before frame {last} ({filled} of {len(places)} frames decoded)")
+    assert out is not None
+    return out
 
 
 def pick_caption(row: dict[str, Any], mode: str | None, num_frames: int,

@@ -44,7 +44,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from engine.clip_frames import CAPTION_MODES, FrameSpec, ShortClip, SkipClip, decode_frames, pick_caption, plan_indices
 from engine.uris import lance_storage_options, scheme_of
@@ -158,8 +158,8 @@ class ClipSampler:
             raise ValueError(f"clip table has no column(s) {missing}{hint}")
         return list(dict.fromkeys(needed))
 
-    def sample(self, row: dict[str, Any], blob: Any, *, epoch: int, row_id: int,
-               counts: dict[str, int]) -> dict[str, Any]:
+    def sample(self, row: dict[str, Any], blob: Any, *, epoch: int, row_id: int, counts: dict[str, int],
+               out: torch.Tensor | None = None) -> dict[str, Any]:
         rng = sample_rng(self.seed, epoch, row_id) if self.random_offsets else None
         num_frames = int(row["num_frames"] or 0)
         text, (lo, hi) = pick_caption(row, self.caption, num_frames, rng)
@@ -173,12 +173,13 @@ class ClipSampler:
             raise
         if blob is None:
             raise ValueError("clip has no media")
-        frames = decode_frames(blob, indices, self.spec.size, threads=self.spec.decode_threads)
+        frames = decode_frames(blob, indices, self.spec.size, threads=self.spec.decode_threads,
+                               out=None if out is None else out.numpy())
         if short:
             counts["short_padded" if self.spec.short_clips == "pad" else "short_looped"] += 1
         sample: dict[str, Any] = {
             "clip_id": row["clip_id"],
-            "frames": torch.from_numpy(frames),
+            "frames": out if out is not None else torch.from_numpy(frames),
             "frame_indices": torch.from_numpy(indices),
         }
         if self.caption is not None:
@@ -207,6 +208,12 @@ class ClipDataset(IterableDataset):
     (default: the latest when the dataset is made, kept in `state_dict()`).
     `storage_options` are the output's object-store credentials in pyarrow
     form, as in the engine's config.
+
+    `batch_size` makes the dataset yield collated batches itself (frames
+    (B, T, C, H, W)): each clip is decoded straight into its slot of the
+    batch, in shared memory inside a DataLoader worker, so a batch crosses to
+    the trainer without another copy. Use it with `batch_size=None` in the
+    DataLoader (`loader()` does). A share's last batch may be smaller.
     """
 
     def __init__(
@@ -229,6 +236,7 @@ class ClipDataset(IterableDataset):
         storage_options: dict[str, Any] | None = None,
         decode_threads: int = 1,
         read_ahead: int = DEFAULT_READ_AHEAD,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.uri = clips_uri(output)
@@ -244,6 +252,9 @@ class ClipDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
         self.read_ahead = max(1, int(read_ahead))
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
         # Resolved once, here, so every worker (and a resumed run) reads the
         # same rows; this also checks the filter and the columns early.
         table = open_clips(self.uri, version, self.storage_options)
@@ -271,7 +282,14 @@ class ClipDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Clips this rank reads per epoch (an upper bound on its samples:
-        skipped clips are not yielded)."""
+        skipped clips are not yielded). A batching dataset has no fixed
+        length: its batches depend on the number of workers."""
+        if self.batch_size is not None:
+            raise TypeError("a ClipDataset made with batch_size has no fixed length; use num_clips")
+        return self.clips_per_rank
+
+    @property
+    def clips_per_rank(self) -> int:
         return max(0, math.ceil((self.num_clips - self.rank) / self.world_size))
 
     @property
@@ -324,8 +342,6 @@ class ClipDataset(IterableDataset):
             cursor, counts = int(pending["cursor"]), {**counts, **pending["counts"]}
         table = open_clips(self.uri, self.version, self.storage_options)
         row_ids = _selected_row_ids(table, self.where)
-        if len(row_ids) != self.num_clips:
-            self.num_clips = len(row_ids)
         share = share_of(epoch_order(len(row_ids), seed=self.seed, epoch=epoch, shuffle=self.shuffle),
                          rank=self.rank, world_size=self.world_size, worker=worker, num_workers=num_workers)
         self._iterator = _ClipIterator(self, table, row_ids[share], epoch=epoch, worker=worker,
@@ -333,15 +349,24 @@ class ClipDataset(IterableDataset):
         return self._iterator
 
     # ------------------------------------------------------------ DataLoader
-    def loader(self, batch_size: int = 8, num_workers: int = 0, *, multiprocessing_context: Any = None,
+    def loader(self, batch_size: int | None = None, num_workers: int = 0, *, multiprocessing_context: Any = None,
                **kwargs: Any) -> Any:
         """A torchdata `StatefulDataLoader` over this dataset: its
         `state_dict()` holds every worker's cursor, so a run resumes exactly
-        with `load_state_dict()`. Workers come from `worker_context()` unless
-        `multiprocessing_context` says otherwise; other keyword arguments go
-        to the loader."""
+        with `load_state_dict()`. A dataset made with `batch_size` batches
+        itself (the loader then passes its batches through); otherwise the
+        loader collates `batch_size` samples (default 1). Workers come from
+        `worker_context()` unless `multiprocessing_context` says otherwise;
+        other keyword arguments go to the loader."""
         from torchdata.stateful_dataloader import StatefulDataLoader
 
+        if self.batch_size is not None:
+            if batch_size not in (None, self.batch_size):
+                raise ValueError(f"this dataset makes batches of {self.batch_size}; "
+                                 f"leave the loader's batch_size unset (got {batch_size})")
+            batch_size = None
+        elif batch_size is None:
+            batch_size = 1
         if num_workers > 0:
             kwargs["multiprocessing_context"] = multiprocessing_context or worker_context()
         with warnings.catch_warnings():
@@ -382,10 +407,17 @@ def _worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+_selections: dict[tuple[str, int, str | None], np.ndarray] = {}
+
+
 def _selected_row_ids(table: lance.LanceDataset, where: str | None) -> np.ndarray:
-    """Row ids of the selected rows, sorted: the epoch order's positions."""
-    ids = table.to_table(columns=[], filter=where, with_row_id=True).column("_rowid")
-    return np.sort(ids.to_numpy().astype(np.uint64, copy=False))
+    """Row ids of the selected rows, sorted: the epoch order's positions.
+    A version never changes, so each process scans it once per filter."""
+    key = (table.uri, int(table.version), where)
+    if key not in _selections:
+        ids = table.to_table(columns=[], filter=where, with_row_id=True).column("_rowid")
+        _selections[key] = np.sort(ids.to_numpy().astype(np.uint64, copy=False))
+    return _selections[key]
 
 
 class _ClipIterator:
@@ -426,6 +458,33 @@ class _ClipIterator:
 
     def __next__(self) -> dict[str, Any]:
         self.started = True
+        batch_size = self.dataset.batch_size
+        if batch_size is None:
+            sample = self._next_sample(None)
+            if sample is None:
+                raise StopIteration
+            return sample
+        spec = self.dataset.spec
+        frames = _batch_frames((batch_size, spec.num_frames, 3, *spec.size)) if spec.size else None
+        samples: list[dict[str, Any]] = []
+        while len(samples) < batch_size:
+            sample = self._next_sample(None if frames is None else frames[len(samples)])
+            if sample is None:
+                break
+            samples.append(sample)
+        if not samples:
+            raise StopIteration
+        if frames is None:
+            return default_collate(samples)
+        for sample in samples:
+            del sample["frames"]
+        batch = default_collate(samples)
+        batch["frames"] = frames[: len(samples)]
+        return batch
+
+    def _next_sample(self, out: torch.Tensor | None) -> dict[str, Any] | None:
+        """The next sample of the share (decoded into `out` if given), or
+        None at its end; skipped clips are counted on the way."""
         sampler = self.dataset.sampler
         while self.cursor < len(self.row_ids):
             if not self._ahead:
@@ -435,13 +494,23 @@ class _ClipIterator:
             try:
                 if callable(blob):
                     blob = blob()
-                return sampler.sample(row, blob, epoch=self.epoch, row_id=row_id, counts=self.counts)
+                return sampler.sample(row, blob, epoch=self.epoch, row_id=row_id, counts=self.counts, out=out)
             except SkipClip:
                 continue
             except Exception as exc:  # noqa: BLE001 - a broken clip is counted and skipped, the epoch goes on
                 self.counts["decode_errors"] += 1
                 log.warning("skipping clip %s: %s: %s", row.get("clip_id"), type(exc).__name__, exc)
-        raise StopIteration
+        return None
+
+
+def _batch_frames(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 batch; in shared memory inside a DataLoader worker (as
+    torch's own collate does), so it is not copied again on its way out."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    elem = torch.empty(0, dtype=torch.uint8)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(*shape)
 
 
 def _lazy_blob(table: lance.LanceDataset, row_id: int) -> Any:

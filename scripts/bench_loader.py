@@ -5,7 +5,9 @@ random starts, resize and centre crop) in N processes:
 
 - loader: `ClipDataset(...).loader(num_workers=N, persistent_workers=True)`,
   a torchdata StatefulDataLoader whose workers read the clip table (Lance
-  blobs) and hand batches to the main process;
+  blobs) and hand batches to the main process; batches made by the dataset
+  (`ClipDataset(batch_size=B)`, decoded into shared memory) or collated by
+  the DataLoader from samples (`loader(batch_size=B)`);
 - bare loop: the same clips as .mp4 files on disk, N processes of a
   multiprocessing pool, each opening its share of files with PyAV and
   decoding the same frame indices (nothing is sent back).
@@ -124,11 +126,13 @@ def run_bare(pool, tasks, workers: int) -> float:
 
 
 # ------------------------------------------------------------------- loader
-def run_loader(out: Path, args: argparse.Namespace, workers: int) -> dict:
+def run_loader(out: Path, args: argparse.Namespace, workers: int, batched: bool) -> dict:
+    """`batched`: the dataset makes batches (decoding into shared memory);
+    else the DataLoader collates samples."""
     ds = ClipDataset(out, num_frames=args.num_frames, frame_stride=args.stride, size=args.size, caption="clip",
-                     shuffle=True, seed=args.seed)
-    loader = ds.loader(batch_size=args.batch_size, num_workers=workers, persistent_workers=True,
-                       prefetch_factor=args.prefetch)
+                     shuffle=True, seed=args.seed, batch_size=args.batch_size if batched else None)
+    loader = ds.loader(batch_size=None if batched else args.batch_size, num_workers=workers,
+                       persistent_workers=True, prefetch_factor=args.prefetch)
     ds.set_epoch(0)
     start = time.perf_counter()
     it = iter(loader)
@@ -174,11 +178,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=2)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--modes", default="batched,samples",
+                        help="batched: ClipDataset(batch_size=B); samples: DataLoader(batch_size=B) collates")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.size = tuple(args.size)
+    args.modes = [m for m in args.modes.split(",") if m]
     args.num_frames_clip = int(round(args.seconds * args.fps))
     spec = FrameSpec(num_frames=args.num_frames, frame_stride=args.stride, size=args.size)
 
@@ -191,37 +198,40 @@ def main() -> None:
         check_same_frames(root / "out", paths, args, spec)
         results = []
         for workers in (int(w) for w in args.workers.split(",")):
-            loader = run_loader(root / "out", args, workers)
+            loaders = {mode: run_loader(root / "out", args, workers, mode == "batched") for mode in args.modes}
             ctx = worker_context()
             with ctx.Pool(workers) as pool:
                 pool.map(warm, range(workers), chunksize=1)
                 run_bare(pool, bare_tasks(paths, spec, args.fps, args.num_frames_clip, args.seed, 0), workers)
                 bare = [run_bare(pool, bare_tasks(paths, spec, args.fps, args.num_frames_clip, args.seed, e),
                                  workers) for e in range(1, args.reps + 1)]
-            row = {
-                "workers": workers,
-                "loader_samples_s": args.clips / min(loader["epoch_s"]),
-                "bare_samples_s": args.clips / min(bare),
-                "first_batch_cold_s": loader["first_batch_cold_s"],
-                "first_batch_warm_s": loader["first_batch_warm_s"],
-                "loader_epoch_s": loader["epoch_s"],
-                "bare_epoch_s": bare,
-            }
-            row["ratio"] = row["loader_samples_s"] / row["bare_samples_s"]
-            results.append(row)
-            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                              if not k.endswith("epoch_s")}), flush=True)
+            for mode, loader in loaders.items():
+                row = {
+                    "workers": workers,
+                    "mode": mode,
+                    "loader_samples_s": args.clips / min(loader["epoch_s"]),
+                    "bare_samples_s": args.clips / min(bare),
+                    "first_batch_cold_s": loader["first_batch_cold_s"],
+                    "first_batch_warm_s": loader["first_batch_warm_s"],
+                    "loader_epoch_s": loader["epoch_s"],
+                    "bare_epoch_s": bare,
+                }
+                row["ratio"] = row["loader_samples_s"] / row["bare_samples_s"]
+                results.append(row)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                                  if not k.endswith("epoch_s")}), flush=True)
 
     print()
     print(f"clips: {args.clips} x {args.width}x{args.height} @ {args.fps} fps, {args.seconds} s; sample: "
           f"{args.num_frames} frames every {args.stride}, {args.size[0]}x{args.size[1]}, batch {args.batch_size}; "
           f"cpus: {os.cpu_count()}")
-    print("| workers | ClipDataset samples/s | bare PyAV loop samples/s | ratio | first batch cold (s) | "
-          "first batch warm (s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| workers | batches made by | ClipDataset samples/s | bare PyAV loop samples/s | ratio | "
+          "first batch cold (s) | first batch warm (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['workers']} | {r['loader_samples_s']:.1f} | {r['bare_samples_s']:.1f} | {r['ratio']:.2f}x | "
-              f"{r['first_batch_cold_s']:.2f} | {r['first_batch_warm_s']:.2f} |")
+        made_by = "the dataset" if r["mode"] == "batched" else "DataLoader collate"
+        print(f"| {r['workers']} | {made_by} | {r['loader_samples_s']:.1f} | {r['bare_samples_s']:.1f} | "
+              f"{r['ratio']:.2f}x | {r['first_batch_cold_s']:.2f} | {r['first_batch_warm_s']:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},

@@ -271,3 +271,41 @@ def test_ray_data_path_yields_the_same_samples(ray_session, training_output):
         assert torch.equal(got[clip_id]["frame_indices"], s["frame_indices"])
         assert torch.equal(got[clip_id]["frames"], s["frames"])
         assert torch.equal(got[clip_id]["embedding"], s["embedding"])
+
+
+def test_batches_made_by_the_dataset(training_output):
+    """ClipDataset(batch_size=3) with 2 workers: batches of decoded frames
+    (from shared memory), every curated clip once, and resumable."""
+    rows = clip_rows(training_output)
+
+    def make():
+        ds = ClipDataset(training_output, num_frames=4, frame_stride=2, size=(60, 80), caption="clip",
+                         columns=("start_frame",), seed=4, batch_size=3)
+        ds.set_epoch(2)
+        return ds
+
+    loader = make().loader(num_workers=2)
+    batches = list(loader)
+    seen = [c for b in batches for c in b["clip_id"]]
+    assert sorted(seen) == sorted(curated_ids(training_output))
+    for b in batches:
+        n = len(b["clip_id"])
+        assert 1 <= n <= 3 and b["frames"].shape == (n, 4, 3, 60, 80) and b["frame_indices"].shape == (n, 4)
+        assert b["caption"] == [rows[c]["caption"] for c in b["clip_id"]]
+        for i, clip_id in enumerate(b["clip_id"]):
+            row = rows[clip_id]
+            assert int(b["start_frame"][i]) == row["start_frame"]
+            if row["fps"] == 24:  # 160x120 -> 80x60: the barcode stays readable
+                assert [read_frame_index(f) for f in hwc(b["frames"][i])] == [
+                    row["start_frame"] + j for j in b["frame_indices"][i].tolist()]
+    loader = make().loader(num_workers=2)
+    it = iter(loader)
+    first = next(it)
+    state = loader.state_dict()
+    rest = [c for b in it for c in b["clip_id"]]
+    resumed = make().loader(num_workers=2)
+    resumed.load_state_dict(state)
+    assert [c for b in resumed for c in b["clip_id"]] == rest
+    assert sorted(list(first["clip_id"]) + rest) == sorted(seen)
+    with pytest.raises(TypeError, match="no fixed length"):
+        len(make())
