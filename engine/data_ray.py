@@ -49,10 +49,15 @@ class ClipSampleDecoder:
         rows = batch.drop_columns(["_rowid"]).to_pylist()
         blobs = table.take_blobs("mp4", ids=ids) if ids else []
         before = dict(self.counts)
+        spec = self.sampler.spec
+        # Each clip decodes straight into its slot of the batch's frames.
+        frames = torch.empty((len(ids), spec.num_frames, 3, *spec.size), dtype=torch.uint8) if spec.size else None
         samples = []
         for row_id, row, blob in zip(ids, rows, blobs):
+            out = None if frames is None else frames[len(samples)]
             try:
-                samples.append(self.sampler.sample(row, blob, epoch=self.epoch, row_id=row_id, counts=self.counts))
+                samples.append(self.sampler.sample(row, blob, epoch=self.epoch, row_id=row_id, counts=self.counts,
+                                                   out=out))
             except SkipClip:
                 continue
             except Exception as exc:  # noqa: BLE001 - a broken clip is counted and skipped, the run goes on
@@ -62,10 +67,13 @@ class ClipSampleDecoder:
         if skipped:
             log.warning("clip sampler skipped %s of %d clips in a batch (totals so far %s)", skipped, len(ids),
                         self.counts)
-        return self.columns_of(samples)
+        columns = self.columns_of(samples, skip_frames=frames is not None)
+        if frames is not None:
+            columns["frames"] = frames[: len(samples)].numpy()
+        return columns
 
-    def columns_of(self, samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        names = ["clip_id", "frames", "frame_indices"]
+    def columns_of(self, samples: list[dict[str, Any]], skip_frames: bool = False) -> dict[str, np.ndarray]:
+        names = ["clip_id", "frame_indices"] if skip_frames else ["clip_id", "frames", "frame_indices"]
         if self.sampler.caption is not None:
             names += ["caption", "caption_frames"]
         names += list(self.sampler.columns)
