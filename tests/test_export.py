@@ -27,6 +27,7 @@ from udfs.media.probe import probe_video
 from udfs.media.video import decode_rgb_bytes
 
 REPO = Path(__file__).resolve().parent.parent
+BUCKET = "training-exports"
 
 
 def export(output, *overrides: str, storage_options=None) -> dict:
@@ -228,7 +229,9 @@ def test_cli_export_task_and_its_errors(training_output, tmp_path):
 # -------------------------------------------------------------------- S3
 @pytest.fixture(scope="module")
 def s3_output(training_output):
-    """The training table copied into a bucket on a local S3 server."""
+    """The training table copied into a bucket on a local S3 server. moto's
+    store is per process, shared with tests/test_s3.py: this module uses its
+    own bucket and empties it afterwards."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -241,7 +244,7 @@ def s3_output(training_output):
             "secret_key": "testing", "region": "us-east-1"}
     client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
                           aws_secret_access_key="testing", region_name="us-east-1")
-    client.create_bucket(Bucket="curated")
+    client.create_bucket(Bucket=BUCKET)
     clips = lance.dataset(str(training_output / "clips.lance"))
     table = clips.to_table(columns=[n for n in clips.schema.names if n != "mp4" and n != "preview_webp"],
                            with_row_id=True)
@@ -250,8 +253,12 @@ def s3_output(training_output):
         found = dict(clips.read_blobs(name, ids=ids))
         table = table.append_column(blob_field(name), pa.array([found.get(i) for i in ids], pa.large_binary()))
     table = table.drop_columns(["_rowid"]).replace_schema_metadata(clips.schema.metadata)
-    lance.write_dataset(table, "s3://curated/run/clips.lance", storage_options=lance_storage_options(opts))
+    lance.write_dataset(table, f"s3://{BUCKET}/run/clips.lance", storage_options=lance_storage_options(opts))
     yield client, opts
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    client.delete_bucket(Bucket=BUCKET)
     server.stop()
 
 
@@ -260,14 +267,14 @@ def test_exports_and_loader_read_an_s3_output(s3_output, training_output):
 
     client, opts = s3_output
     rows = table_rows(training_output)
-    result = export("s3://curated/run", "export.format=[webdataset,nemo]", storage_options=opts)["results"]
+    result = export(f"s3://{BUCKET}/run", "export.format=[webdataset,nemo]", storage_options=opts)["results"]
     assert result["webdataset"]["clips"] == result["nemo"]["clips"] == 7
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket="curated", Prefix="run/exports/")["Contents"]]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="run/exports/")["Contents"]]
     tars = [k for k in keys if k.startswith("run/exports/webdataset/") and k.endswith(".tar")]
     assert len(tars) == 3 and all("/part_000000/" in k for k in tars)
     got = []
     for key in tars:
-        body = client.get_object(Bucket="curated", Key=key)["Body"].read()
+        body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         local = training_output.parent / key.replace("/", "_")
         local.write_bytes(body)
         got += [s["__key__"] for s in wds.WebDataset(str(local), shardshuffle=False)]
@@ -275,10 +282,10 @@ def test_exports_and_loader_read_an_s3_output(s3_output, training_output):
     assert sum(k.startswith("run/exports/nemo/metas/v0/") for k in keys) == 7
     assert any(k.startswith("run/exports/nemo/ce1_embd_parquet/") for k in keys)
     # Exporting again continues the part numbering on the object store too.
-    again = export("s3://curated/run", "export.format=webdataset", storage_options=opts)["results"]["webdataset"]
+    again = export(f"s3://{BUCKET}/run", "export.format=webdataset", storage_options=opts)["results"]["webdataset"]
     assert {b["part"] for b in again["bins"].values()} == {1}
     # The training loader reads the same bucket.
-    ds = ClipDataset("s3://curated/run", num_frames=2, size=16, caption="clip", storage_options=opts)
+    ds = ClipDataset(f"s3://{BUCKET}/run", num_frames=2, size=16, caption="clip", storage_options=opts)
     assert sorted(s["clip_id"] for s in ds) == sorted(rows)
 
 

@@ -40,12 +40,13 @@ def scan_clips(clips: lance.LanceDataset, where: str | None, *, chunk_rows: int 
     cols = columns if columns is not None else scalar_columns(clips)
     wanted = tuple(b for b in blobs if b in clips.schema.names)
     for batch in clips.to_batches(columns=cols, filter=where, with_row_id=True, batch_size=chunk_rows):
-        if batch.num_rows == 0:
-            continue
-        table = pa.Table.from_batches([batch])
-        ids = table.column("_rowid").to_pylist()
-        read = {name: read_blob_bytes(clips, name, ids) for name in wanted}
-        yield ClipChunk(table.drop_columns(["_rowid"]), read)
+        # Lance's batch size is a target, not a cap (a filtered scan can
+        # return more): the blobs are read `chunk_rows` at a time regardless.
+        for start in range(0, batch.num_rows, chunk_rows):
+            table = pa.Table.from_batches([batch.slice(start, chunk_rows)])
+            ids = table.column("_rowid").to_pylist()
+            read = {name: read_blob_bytes(clips, name, ids) for name in wanted}
+            yield ClipChunk(table.drop_columns(["_rowid"]), read)
 
 
 def jsonable(row: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
