@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch
 import pyarrow as pa
 
 from engine.schema import DEDUP_ASSIGN_SCHEMA
-from udfs.dedup.vectors import pick_device, pick_dtype, vectors_from_arrow
+from udfs.dedup.vectors import checked_rows, pick_device, pick_dtype
 
 BACKENDS = ("auto", "torch", "faiss", "cuml")
 SEEDINGS = ("k-means||", "k-means++")
@@ -95,21 +96,24 @@ def _chunk_rows(k: int) -> int:
 
 class _Nearest:
     """Nearest centroid of every row, chunk by chunk: for unit rows
-    argmin |x - c|^2 = argmax (x.c - |c|^2 / 2)."""
+    argmin |x - c|^2 = argmax (x.c - |c|^2 / 2). Rows that are not unit
+    length are scaled through `inv_norms` on the scores, never copied."""
 
     def __init__(self, centroids: torch.Tensor, dtype: torch.dtype) -> None:
         self.c = centroids.to(dtype)
         self.half_sq = 0.5 * (centroids.float() ** 2).sum(1)
         self.dtype = dtype
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(label int64, x . c_label float32) for the rows of `x`."""
+    def __call__(self, x: torch.Tensor, inv_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label int64, unit(x) . c_label float32) for the rows of `x`."""
         labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
         dots = torch.empty(len(x), dtype=torch.float32, device=x.device)
         step = _chunk_rows(len(self.c))
         for s in range(0, len(x), step):
             xs = x[s : s + step].to(self.dtype)
             score = (xs @ self.c.T).float()
+            if inv_norms is not None:
+                score.mul_(inv_norms[s : s + step, None])
             score -= self.half_sq
             best, idx = score.max(dim=1)
             labels[s : s + step] = idx
@@ -344,17 +348,26 @@ def _fit_cuml(x: torch.Tensor, k: int, init: torch.Tensor | None, max_iter: int,
 
 
 def assign(x: np.ndarray | torch.Tensor, centroids: np.ndarray, *, device: str | torch.device = "cpu",
-           dtype: str | torch.dtype = "auto") -> tuple[np.ndarray, np.ndarray]:
+           dtype: str | torch.dtype = "auto", norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(nearest centroid int32, cosine distance to its normalised centroid float32)
-    for unit rows `x`."""
-    dev = device if isinstance(device, torch.device) else pick_device(device)
-    dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dev, dtype)
+    for the rows of `x`: unit rows, or any rows with their L2 `norms`."""
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
-    xt = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).to(dev)
-    labels, dots = _Nearest(c, dt)(xt)
-    norms = c.norm(dim=1).clamp_min(1e-12)
-    dist = (1.0 - dots / norms[labels]).clamp_(0.0, 2.0)
+    xt = (x if isinstance(x, torch.Tensor) else read_only_tensor(np.asarray(x, dtype=np.float32))).to(dev)
+    inv = None if norms is None else (1.0 / torch.from_numpy(np.asarray(norms, dtype=np.float32))).to(dev)
+    labels, dots = _Nearest(c, dt)(xt, inv)
+    cnorm = c.norm(dim=1).clamp_min(1e-12)
+    dist = (1.0 - dots / cnorm[labels]).clamp_(0.0, 2.0)
     return labels.to(torch.int32).cpu().numpy(), dist.cpu().numpy().astype(np.float32, copy=False)
+
+
+def read_only_tensor(x: np.ndarray) -> torch.Tensor:
+    """A tensor over `x` without a copy, even when `x` is a read-only view of
+    an Arrow buffer (torch warns about those; nothing here writes to them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
 
 
 def set_threads(threads: int | None) -> None:
@@ -383,12 +396,14 @@ class KMeansAssign:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        x, reason = vectors_from_arrow(batch.column(self.vector_column), self.centroids.shape[1])
+        # Raw rows and their norms: the scores are scaled instead of copying
+        # every vector into a normalised array.
+        x, norms, reason = checked_rows(batch.column(self.vector_column), self.centroids.shape[1])
         ok = np.equal(reason, None)
         cluster = np.full(n, -1, dtype=np.int32)
         dist = np.zeros(n, dtype=np.float32)
         if len(x):
-            cluster[ok], dist[ok] = assign(x, self.centroids, device=self.device, dtype=self.dtype)
+            cluster[ok], dist[ok] = assign(x, self.centroids, device=self.device, dtype=self.dtype, norms=norms)
         return pa.Table.from_arrays([
             batch.column("_rowaddr").cast(pa.uint64()),
             batch.column("_rowid").cast(pa.uint64()),

@@ -41,6 +41,14 @@ def vectors_from_arrow(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np
     `reason[i]` is None for a row that is in the matrix (in input order) and
     says why otherwise. Variable-length lists are accepted; rows of another
     length than `dim` are skipped."""
+    mat, norms, reason = checked_rows(column, dim)
+    return np.divide(mat, norms[:, None], dtype=np.float32), reason
+
+
+def checked_rows(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(valid rows as float32, not normalised (a view of the Arrow buffer when
+    possible), their L2 norms, reason per input row): `vectors_from_arrow`
+    without the normalised copy, for callers that can scale by the norms."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     n = len(column)
@@ -50,30 +58,33 @@ def vectors_from_arrow(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np
     if pa.types.is_fixed_size_list(column.type):
         if column.type.list_size != dim:
             reason[valid] = SKIP_DIM
-            return np.zeros((0, dim), np.float32), reason
+            return np.zeros((0, dim), np.float32), np.zeros(0, np.float32), reason
         # Null rows still own `dim` slots in a fixed-size list's values.
         values = column.values.slice(column.offset * dim, n * dim)
-        flat = values.to_numpy(zero_copy_only=False)
-        mat = flat.reshape(n, dim)[valid]
+        mat = values.to_numpy(zero_copy_only=False).reshape(n, dim)
+        if not valid.all():
+            mat = mat[valid]
     else:
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
         wrong = valid & (lengths != dim)
         reason[wrong] = SKIP_DIM
         valid &= ~wrong
-        keep = column.filter(pa.array(valid))
-        flat = pc.list_flatten(keep).to_numpy(zero_copy_only=False)
-        mat = flat.reshape(-1, dim)
-    mat = np.asarray(mat, dtype=np.float32)
+        mat = pc.list_flatten(column.filter(pa.array(valid))).to_numpy(zero_copy_only=False).reshape(-1, dim)
+    mat = mat.astype(np.float32, copy=False)
     idx = np.flatnonzero(valid)
-    finite = np.isfinite(mat).all(axis=1)
-    norms = np.linalg.norm(mat, axis=1)
-    zero = finite & (norms == 0)
-    reason[idx[~finite]] = SKIP_NONFINITE
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.sqrt(np.einsum("ij,ij->i", mat, mat))
+    odd = np.flatnonzero(~np.isfinite(norms))
+    if len(odd):  # NaN / inf, or finite values whose squares overflow float32
+        finite = np.isfinite(mat[odd]).all(axis=1)
+        norms[odd[finite]] = np.linalg.norm(mat[odd[finite]].astype(np.float64), axis=1)
+        reason[idx[odd[~finite]]] = SKIP_NONFINITE
+    zero = norms == 0
     reason[idx[zero]] = SKIP_ZERO
-    good = finite & ~zero
-    mat = mat[good] if not good.all() else np.array(mat, dtype=np.float32, copy=True, order="C")
-    mat /= norms[good][:, None]
-    return mat, reason
+    good = np.isfinite(norms) & ~zero
+    if not good.all():
+        mat, norms = mat[good], norms[good]
+    return mat, norms.astype(np.float32), reason
 
 
 def fixed_size_vectors(mat: np.ndarray) -> pa.FixedSizeListArray:
