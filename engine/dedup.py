@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import lance
@@ -49,7 +50,7 @@ from engine import outputs
 from engine.lance_columns import base_signature, write_columns
 from engine.ray_session import cluster_resources, ensure_ray
 from engine.schema import CLIP_DEDUP_FIELDS, DEDUP_PAIRWISE_SCHEMA
-from engine.stages import StageStep, apply_stage, node_dict, stage_params
+from engine.stages import StageStep, _pool, apply_stage, check_gpus, node_dict, stage_params
 from engine.timing import start_clock, timed
 from engine.uris import arrow_fs, lance_storage_options, scheme_of
 
@@ -163,6 +164,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eps = float(cfg.dedup.eps)
     if not 0 <= eps < 1:
         raise ValueError(f"dedup.eps must be in [0, 1), got {eps}")
+    if str(cfg.dedup.shuffle) not in SHUFFLES:
+        raise ValueError(f"unknown dedup.shuffle={cfg.dedup.shuffle!r}; choose one of {sorted(SHUFFLES)}")
     files = DedupFiles(layout, storage_options)
     settings = dedup_settings(cfg)
     print_ = fingerprint(source, settings)
@@ -241,90 +244,63 @@ def _table_columns(values: pa.Table) -> pa.Table:
     return values.rename_columns([names.get(n, n) for n in values.column_names])
 
 
-def _compute(cfg: DictConfig, source: DedupSource) -> tuple[pa.Table, dict[str, Any], dict[str, float]]:
-    """k-means fit, assignment and the pairwise pass; the DEDUP_PAIRWISE_SCHEMA rows."""
-    from udfs.dedup.kmeans import KMeansAssign, resolve_backend
-    from udfs.dedup.pairwise import ClusterPairwise
+@dataclass
+class FitSample:
+    """The rows k-means is fitted on, and what was decided from them."""
+
+    matched: int  # rows `where` selects
+    k: int
+    x: np.ndarray  # (m, dim) unit rows
+    dim: int
+    skipped: dict[str, int]  # unusable sampled rows by reason
+
+
+def sample_for_fit(source: DedupSource, kmeans_node: dict[str, Any], seed: int) -> FitSample:
+    row_ids = source.matching_row_ids()
+    if len(row_ids) == 0:
+        raise ValueError(f"nothing to dedup: no row of {source.uri} matches dedup.where={source.where!r}")
     from udfs.dedup.vectors import vectors_from_arrow
 
+    k = resolve_n_clusters(kmeans_node.get("n_clusters"), len(row_ids))
+    m = fit_sample_size(len(row_ids), k, float(kmeans_node.get("fit_fraction", 0.1)),
+                        int(kmeans_node.get("min_rows_per_cluster", 40)))
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(row_ids, m, replace=False)) if m < len(row_ids) else row_ids
+    column = source.dataset._take_rows(picked.tolist(), columns=[source.vector_column]).column(source.vector_column)
+    dim = source.fixed_dim or _common_length(column)
+    x, reason = vectors_from_arrow(column, dim)
+    if len(x) == 0:
+        raise ValueError(f"no usable vectors in {source.uri}.{source.vector_column}: a sample of {m} rows had "
+                         f"only {_counts(reason)}")
+    return FitSample(matched=len(row_ids), k=min(k, len(x)), x=x, dim=dim, skipped=_counts(reason))
+
+
+def _compute(cfg: DictConfig, source: DedupSource) -> tuple[pa.Table, dict[str, Any], dict[str, float]]:
+    """k-means fit, assignment and the pairwise pass; the DEDUP_PAIRWISE_SCHEMA rows."""
     dcfg = cfg.dedup
     kmeans_node = node_dict(cfg.dedup, "kmeans")
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    row_ids = source.matching_row_ids()
-    if len(row_ids) == 0:
-        raise ValueError(f"nothing to dedup: no row of {source.uri} matches dedup.where={source.where!r}")
-    k = resolve_n_clusters(kmeans_node.get("n_clusters"), len(row_ids))
-    m = fit_sample_size(len(row_ids), k, float(kmeans_node.get("fit_fraction", 0.1)),
-                        int(kmeans_node.get("min_rows_per_cluster", 40)))
-    rng = np.random.default_rng(int(dcfg.seed))
-    sample_ids = np.sort(rng.choice(row_ids, m, replace=False)) if m < len(row_ids) else row_ids
-    sample = source.dataset._take_rows(sample_ids.tolist(), columns=[source.vector_column]).column(
-        source.vector_column)
-    dim = source.fixed_dim or _common_length(sample)
-    x, reason = vectors_from_arrow(sample, dim)
-    if len(x) == 0:
-        raise ValueError(f"no usable vectors in {source.uri}.{source.vector_column}: a sample of {m} rows had "
-                         f"only {_counts(reason)}")
-    k = min(k, len(x))
+    sample = sample_for_fit(source, kmeans_node, int(dcfg.seed))
     timings["sample_s"] = time.perf_counter() - t
 
     ensure_ray(cfg.ray)
     cpus, gpus = cluster_resources()
-    kmeans_params = {key: v for key, v in stage_params(kmeans_node).items() if key not in KMEANS_ENGINE_KEYS}
-    kmeans_params["n_clusters"] = k
+    params = {key: v for key, v in stage_params(kmeans_node).items() if key not in KMEANS_ENGINE_KEYS}
     t = time.perf_counter()
-    fit = fit_kmeans(x, kmeans_params, kmeans_node.get("resources") or {}, gpus)
-    del x
+    fit = fit_kmeans(sample.x, {**params, "n_clusters": sample.k}, kmeans_node.get("resources") or {}, gpus)
     timings["fit_s"] = time.perf_counter() - t
 
-    clock, clock_name = start_clock(uuid.uuid4().hex[:12])
-    try:
-        t = time.perf_counter()
-        scan = {"with_row_id": True, "with_row_address": True}
-        if source.where:
-            scan["filter"] = source.where  # Lance SQL, applied by Lance's scanner
-        data = ray.data.read_lance(source.uri, version=source.version, columns=[source.id_column, source.vector_column],
-                                   storage_options=source.storage_options, scanner_options=scan)
-        assign_step = StageStep.from_node("dedup_assign", KMeansAssign, dcfg.assign, params={
-            "centroids": fit.centroids, "id_column": source.id_column, "vector_column": source.vector_column})
-        _check_gpus("dedup.assign", assign_step.num_gpus, gpus)
-        assign_step.params.setdefault("threads", max(1, int(assign_step.num_cpus)))
-        assigned = apply_stage(data, assign_step, clock_name, cpus, gpus).materialize()
-        skipped = _skip_counts(assigned)
-        timings["assign_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        pair_step = StageStep.from_node("dedup_pairwise", ClusterPairwise, dcfg.pairwise, params={
-            "table": source.uri, "version": source.version, "storage_options": source.storage_options,
-            "vector_column": source.vector_column, "dim": dim, "seed": int(dcfg.seed), "keep": str(dcfg.keep)})
-        _check_gpus("dedup.pairwise", pair_step.num_gpus, gpus)
-        pair_step.params.setdefault("threads", max(1, int(pair_step.num_cpus)))
-        partitions = int(dcfg.get("shuffle_partitions") or max(1, min(k, 4 * int(cpus))))
-        clustered = assigned.filter(expr=col("cluster") >= 0)
-        # Sort-based shuffle by default: it runs as plain tasks, where the hash
-        # shuffle starts aggregator actors (seconds of overhead on small runs).
-        clustered.context.shuffle_strategy = SHUFFLES[str(dcfg.get("shuffle", "sort"))]
-        grouped = clustered.groupby("cluster", num_partitions=partitions)
-        pairs = grouped.map_groups(timed(ClusterPairwise, pair_step.name, clock_name),
-                                   fn_constructor_kwargs=pair_step.params, batch_format="pyarrow",
-                                   compute=ray.data.ActorPoolStrategy(**_pool_size(pair_step, cpus, gpus)),
-                                   num_cpus=pair_step.num_cpus, num_gpus=pair_step.num_gpus or None)
-        refs = pairs.to_arrow_refs()
-        results = pa.concat_tables([DEDUP_PAIRWISE_SCHEMA.empty_table(), *ray.get(refs)])
-        del refs, assigned
-        timings["pairwise_s"] = time.perf_counter() - t
-        stage_times = ray.get(clock.snapshot.remote())
-    finally:
-        ray.kill(clock)
-
-    sizes = np.bincount(results.column("cluster").to_numpy(), minlength=k) if results.num_rows else np.zeros(k)
+    results, skipped, stage_times, phase_s = assign_and_compare(cfg, source, fit.centroids, sample.dim, cpus, gpus)
+    timings.update(phase_s)
+    sizes = np.bincount(results.column("cluster").to_numpy(), minlength=sample.k)
     info = {
-        "matched_rows": int(len(row_ids)),
+        "matched_rows": sample.matched,
         "skipped": skipped,
-        "dim": int(dim),
-        "n_clusters": int(k),
-        "fit_rows": int(m - sum(_counts(reason).values())),
+        "dim": sample.dim,
+        "n_clusters": sample.k,
+        "fit_rows": len(sample.x),
+        "fit_skipped": sample.skipped,
         "kmeans": {"backend": fit.backend, "n_iter": fit.n_iter, "inertia": fit.inertia,
                    "converged": fit.converged, "init_s": fit.init_s, "fit_s": fit.fit_s},
         "cluster_sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max()),
@@ -335,6 +311,56 @@ def _compute(cfg: DictConfig, source: DedupSource) -> tuple[pa.Table, dict[str, 
     return results.sort_by("_rowaddr"), info, timings
 
 
+def assign_and_compare(cfg: DictConfig, source: DedupSource, centroids: np.ndarray, dim: int, cpus: float,
+                       gpus: float) -> tuple[pa.Table, dict[str, int], dict[str, Any], dict[str, float]]:
+    """Every row to its nearest centroid (map_batches on an actor pool), then
+    one pairwise call per cluster (groupby + map_groups). Returns the
+    pairwise rows, skipped rows by reason, stage busy times, phase seconds."""
+    from udfs.dedup.kmeans import KMeansAssign
+    from udfs.dedup.pairwise import ClusterPairwise
+
+    dcfg = cfg.dedup
+    assign_step = StageStep.from_node("dedup_assign", KMeansAssign, dcfg.assign, params={
+        "centroids": centroids, "id_column": source.id_column, "vector_column": source.vector_column})
+    pair_step = StageStep.from_node("dedup_pairwise", ClusterPairwise, dcfg.pairwise, params={
+        "table": source.uri, "version": source.version, "storage_options": source.storage_options,
+        "vector_column": source.vector_column, "dim": dim, "seed": int(dcfg.seed), "keep": str(dcfg.keep)})
+    check_gpus([assign_step, pair_step], gpus)
+    for step in (assign_step, pair_step):
+        # Torch threads = the CPUs each worker was given, not every core.
+        step.params.setdefault("threads", max(1, int(step.num_cpus)))
+    phase_s: dict[str, float] = {}
+    clock, clock_name = start_clock(uuid.uuid4().hex[:12])
+    try:
+        t = time.perf_counter()
+        scan = {"with_row_id": True, "with_row_address": True}
+        if source.where:
+            scan["filter"] = source.where  # Lance SQL, applied by Lance's scanner
+        data = ray.data.read_lance(source.uri, version=source.version, columns=[source.id_column, source.vector_column],
+                                   storage_options=source.storage_options, scanner_options=scan)
+        assigned = apply_stage(data, assign_step, clock_name, cpus, gpus).materialize()
+        skipped = _skip_counts(assigned)
+        phase_s["assign_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        k = len(centroids)
+        clustered = assigned.filter(expr=col("cluster") >= 0)
+        # Sort-based shuffle by default: it runs as plain tasks, where the hash
+        # shuffle starts aggregator actors (seconds of overhead on small runs).
+        clustered.context.shuffle_strategy = SHUFFLES[str(dcfg.shuffle)]
+        partitions = int(dcfg.get("shuffle_partitions") or max(1, min(k, 4 * int(cpus))))
+        pairs = clustered.groupby("cluster", num_partitions=partitions).map_groups(
+            timed(ClusterPairwise, pair_step.name, clock_name), fn_constructor_kwargs=pair_step.params,
+            batch_format="pyarrow", compute=_pool(pair_step, cpus, gpus), num_cpus=pair_step.num_cpus,
+            num_gpus=pair_step.num_gpus or None)
+        results = pa.concat_tables([DEDUP_PAIRWISE_SCHEMA.empty_table(), *ray.get(pairs.to_arrow_refs())])
+        phase_s["pairwise_s"] = time.perf_counter() - t
+        stage_times = ray.get(clock.snapshot.remote())
+    finally:
+        ray.kill(clock)
+    return results, skipped, stage_times, phase_s
+
+
 def fit_kmeans(x: np.ndarray, params: dict[str, Any], resources: dict[str, Any], cluster_gpus: float):
     """The k-means fit: in this process on CPU (no worker to start; the fit
     is a barrier, so it may use every core here), or as one Ray task on a
@@ -343,7 +369,9 @@ def fit_kmeans(x: np.ndarray, params: dict[str, Any], resources: dict[str, Any],
     threads = int(resources.get("num_cpus") or 0) or None
     if num_gpus <= 0:
         return _fit_kmeans(x, params, threads)
-    _check_gpus("dedup.kmeans", num_gpus, cluster_gpus)
+    if cluster_gpus <= 0:
+        raise RuntimeError("dedup.kmeans asks for a GPU but the cluster has none; "
+                           "set dedup.kmeans.resources.num_gpus=0 to fit on CPU")
     remote = ray.remote(num_cpus=float(resources.get("num_cpus") or 1), num_gpus=num_gpus)(_fit_kmeans)
     return ray.get(remote.remote(ray.put(x), params, threads))
 
@@ -375,22 +403,6 @@ def _skip_counts(assigned: ray.data.Dataset) -> dict[str, int]:
         return {}
     counts = pc.value_counts(pa.concat_tables(tables).column("skip").combine_chunks())
     return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
-
-
-def _check_gpus(name: str, wanted: float, have: float) -> None:
-    if wanted > 0 and have <= 0:
-        raise RuntimeError(f"{name} asks for {wanted} GPU per worker but the cluster has none; "
-                           f"set {name}.resources.num_gpus=0 to run it on CPU")
-
-
-def _pool_size(step: StageStep, cpus: float, gpus: float) -> dict[str, int]:
-    if step.concurrency:
-        return {"size": int(step.concurrency)}
-    if step.num_gpus > 0:
-        limit = int(gpus // step.num_gpus)
-    else:
-        limit = int(cpus // step.num_cpus) if step.num_cpus > 0 else int(cpus)
-    return {"min_size": 1, "max_size": max(1, limit)}
 
 
 # ------------------------------------------------------------------ OUT/dedup/

@@ -495,3 +495,48 @@ def test_end_to_end_reencoded_crop_is_flagged(tmp_path, ray_session):
     training = lance.dataset(str(tmp_path / "out" / "clips.lance")).to_table(
         filter="passed AND error IS NULL AND duplicate IS NOT TRUE", columns=["clip_id"])
     assert training.num_rows == 3
+
+
+# ------------------------------------------------------------------ object store
+@pytest.fixture(scope="module")
+def bucket():
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    client.create_bucket(Bucket="emb")
+    yield client, {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
+                   "secret_key": "testing", "region": "us-east-1"}
+    server.stop()
+
+
+def test_dedup_of_a_table_in_a_bucket(ray_session, bucket):
+    from engine.uris import lance_storage_options
+
+    client, opts = bucket
+    lance_opts = lance_storage_options(opts)
+    spec = PlantedSpec(n=800, dim=16, n_topics=40, dup_fraction=0.2, seed=3)
+    x, group = planted_embeddings(spec)
+    table = pa.table({"clip_id": row_ids(0, len(x)), "embedding": fixed_size_vectors(x)})
+    lance.write_dataset(table, "s3://emb/t.lance", storage_options=lance_opts, max_rows_per_file=300)
+    cfg = config("output=s3://emb/out", "dedup.table=s3://emb/t.lance")
+    cfg.storage_options = opts
+    summary = run(cfg)
+    ds = lance.dataset("s3://emb/t.lance", storage_options=lance_opts)
+    dup = np.asarray(ds.to_table(columns=["duplicate"]).column("duplicate").to_pylist())
+    assert dup.sum() == summary["removed"] > 50 and (group[dup] >= 0).all()
+    stored = json.loads(client.get_object(Bucket="emb", Key="out/dedup/summary.json")["Body"].read())
+    assert stored["removed"] == summary["removed"]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="emb", Prefix="out/dedup/")["Contents"]}
+    assert {"out/dedup/centroids.npy", "out/dedup/pruning.parquet", "out/dedup/dedup_summary.csv",
+            "out/dedup/duplicates/duplicates.parquet"} <= keys
+    # eps-only re-run on the bucket: `duplicate` replaced in place.
+    cfg.dedup.eps = 0.001
+    again = run(cfg)
+    assert again["run"]["reused"] and again["removed"] <= summary["removed"]
+    ds = lance.dataset("s3://emb/t.lance", storage_options=lance_opts)
+    assert ds.to_table(columns=["duplicate"]).column("duplicate").to_pylist().count(True) == again["removed"]
