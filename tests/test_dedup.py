@@ -88,6 +88,17 @@ def test_kmeans_tol_and_max_iter():
     assert KMeans(n_clusters=50, backend="torch").fit(x[:10]).centroids.shape == (10, 16)  # k <= rows
 
 
+def test_backend_choice():
+    from udfs.dedup.kmeans import have_cuml, resolve_backend
+
+    assert resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="unknown k-means backend"):
+        resolve_backend("sklearn")
+    if not have_cuml():
+        with pytest.raises(ImportError, match=r"reelsift\[gpu\]"):
+            resolve_backend("cuml")
+
+
 def test_assign_is_nearest_centroid_and_cosine_distance():
     rng = np.random.default_rng(0)
     x = unit(rng.standard_normal((300, 8)))
@@ -438,6 +449,16 @@ def test_bad_tables_fail_clearly_and_commit_nothing(tmp_path):
         run(config(f"output={tmp_path / 'empty'}"))
     assert lance.dataset(str(tmp_path / "t.lance")).version == ds.version
     assert lance.dataset(str(tmp_path / "v.lance")).version == 1
+
+
+def test_cli_task_dedup_fails_clearly_without_a_clip_table(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "engine", "task=dedup", f"output={tmp_path}"], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode != 0
+    assert "no clip table" in done.stderr and "run task=curate" in done.stderr
 
 
 def test_pruning_table_is_nemo_shaped():
