@@ -235,6 +235,13 @@ def test_columns_are_added_then_replaced_without_touching_media(tmp_path, monkey
     t = ds.to_table(columns=["clip_id", "dedup_cluster", "duplicate"]).to_pylist()
     assert [r["duplicate"] for r in t] == [False] + [None] * 8
     assert [r["dedup_cluster"] for r in t][:3] == [0, None, 1]
+    # All five replaced at once, across the files the two writes left.
+    ds = write_columns(ds, dedup_values(ds, [3, 4]), CLIP_DEDUP_FIELDS)
+    assert set(base) <= set(data_files(ds)) and ds.version == v0 + 3
+    t = ds.to_table(columns=["clip_id", *DEDUP_COLUMNS]).to_pylist()
+    assert [(r["clip_id"], r["dedup_cluster"], r["dedup_max_id"], r["duplicate"]) for r in t
+            if r["dedup_cluster"] is not None] == [("c3", 0, "x", True), ("c4", 1, "x", True)]
+    assert t[0]["duplicate"] is None
     # A failure while writing commits nothing.
     import engine.lance_columns as lc
 
@@ -264,27 +271,47 @@ def pair_recall(x: np.ndarray, duplicate: np.ndarray, eps: float) -> tuple[float
     return float(resolved.mean()) if len(i) else 1.0, len(i)
 
 
+BAD_ROWS = {"bad-null": None, "bad-nan": [float("nan")] * 32, "bad-dim": [0.5] * 31, "bad-zero": [0.0] * 32}
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, ray_session):
-    """A Lance table of planted near-duplicates, deduped once (keep=hard)."""
+    """A clip-table-like Lance table deduped once with the defaults (keep=hard,
+    eps=0.01, the curated view): 3,000 curated rows with planted
+    near-duplicates, rows with unusable vectors, and copies of a planted row
+    outside the curated view (filtered out, failed)."""
     root = tmp_path_factory.mktemp("planted")
     spec = PlantedSpec(n=3000, dim=32, n_topics=200, dup_fraction=0.15, seed=7)
-    write_planted_table(root / "emb.lance", spec, max_rows_per_file=1000)
+    x, group = planted_embeddings(spec)
+    ids = row_ids(0, len(x))
+    vectors = [list(map(float, v)) for v in x] + list(BAD_ROWS.values()) + [list(map(float, x[0]))] * 2
+    table = pa.table({
+        "clip_id": ids + list(BAD_ROWS) + ["copy-filtered", "copy-failed"],
+        "embedding": pa.array(vectors, pa.list_(pa.float32())),  # variable length: a wrong one can exist
+        "planted_group": np.r_[group, [-1] * 6],
+        "passed": [True] * (len(x) + len(BAD_ROWS)) + [False, None],
+        "error": pa.array([None] * (len(x) + len(BAD_ROWS) + 1) + ["encode failed"], pa.string()),
+    })
+    before = lance.write_dataset(table, str(root / "emb.lance"), max_rows_per_file=1000)
     out = root / "out"
-    before = lance.dataset(str(root / "emb.lance"))
     summary = run(config(f"output={out}", f"dedup.table={root / 'emb.lance'}"))
     return {"root": root, "out": out, "table": root / "emb.lance", "summary": summary, "spec": spec,
             "files_before": data_files(before), "version_before": before.version}
 
 
-def read_results(table: Path) -> pa.Table:
+def read_results(table: Path, considered: bool = True) -> pa.Table:
     ds = lance.dataset(str(table))
-    return ds.to_table(columns=["clip_id", "embedding", "planted_group", *DEDUP_COLUMNS])
+    return ds.to_table(columns=["clip_id", "embedding", "planted_group", *DEDUP_COLUMNS],
+                       filter="dedup_cluster IS NOT NULL" if considered else None)
+
+
+def matrix(t: pa.Table) -> np.ndarray:
+    return unit(np.stack([np.asarray(v, np.float32) for v in t.column("embedding").to_pylist()]))
 
 
 def test_kept_set_equals_brute_force_semdedup(planted):
     t = read_results(planted["table"])
-    x = unit(np.stack(t.column("embedding").to_numpy(zero_copy_only=False)))
+    x = matrix(t)
     ids = np.array(t.column("clip_id").to_pylist(), dtype=object)
     cluster = t.column("dedup_cluster").to_numpy()
     dist = t.column("dedup_centroid_dist").to_numpy()
@@ -298,7 +325,7 @@ def test_kept_set_equals_brute_force_semdedup(planted):
     assert set(ids[~duplicate]) == set(ids[kept_ref])
     assert duplicate.sum() > 100  # the planted groups were found
     k = planted["summary"]["run"]["n_clusters"]
-    assert k == resolve_n_clusters("auto", 3000) == 55
+    assert k == resolve_n_clusters("auto", 3004) == 55
     assert set(np.unique(cluster)) <= set(range(k))
     # dedup_max_id names a higher-ranked member of the same cluster.
     by_id = {i: n for n, i in enumerate(ids)}
@@ -311,16 +338,28 @@ def test_kept_set_equals_brute_force_semdedup(planted):
 
 def test_recall_of_planted_pairs_against_exact_all_pairs(planted):
     t = read_results(planted["table"])
-    x = unit(np.stack(t.column("embedding").to_numpy(zero_copy_only=False)))
     duplicate = np.asarray(t.column("duplicate").to_pylist())
-    recall, pairs = pair_recall(x, duplicate, planted["summary"]["eps"])
-    assert pairs > 200 and recall >= 0.99
+    recall, pairs = pair_recall(matrix(t), duplicate, planted["summary"]["eps"])
+    assert pairs > 200 and recall >= 0.99, (recall, pairs)
     group = t.column("planted_group").to_numpy()
-    # Precision against the planted truth: every removed row has a planted twin,
-    # and each planted group keeps exactly one member.
+    # Precision against the planted truth: every removed row has a planted twin;
+    # a group keeps one member unless k-means split it between clusters.
     assert (group[duplicate] >= 0).all()
     kept_per_group = np.bincount(group[(group >= 0) & ~duplicate], minlength=group.max() + 1)
-    assert (kept_per_group[np.unique(group[group >= 0])] == 1).mean() >= 0.99
+    assert (kept_per_group[np.unique(group[group >= 0])] >= 1).all()
+    assert (kept_per_group[np.unique(group[group >= 0])] == 1).mean() >= 0.97
+
+
+def test_unusable_and_unselected_rows_are_skipped_and_counted(planted):
+    summary = planted["summary"]
+    assert summary["rows"] == 3006 and summary["run"]["matched_rows"] == 3004 and summary["considered"] == 3000
+    assert summary["run"]["skipped"] == {SKIP_NULL: 1, SKIP_NONFINITE: 1, SKIP_DIM: 1, SKIP_ZERO: 1}
+    rows = {r["clip_id"]: r for r in read_results(planted["table"], considered=False).to_pylist()}
+    # Bad vectors, a filtered clip and a failed clip (both exact copies of a
+    # curated row) are left out with nulls; they never make a curated row a duplicate.
+    for rid in [*BAD_ROWS, "copy-filtered", "copy-failed"]:
+        assert all(rows[rid][c] is None for c in DEDUP_COLUMNS), rid
+    assert not any(r["dedup_max_id"] in ("copy-filtered", "copy-failed") for r in rows.values())
 
 
 def test_dedup_files_and_media_untouched(planted):
@@ -353,16 +392,20 @@ def test_new_eps_rewrites_only_duplicate(planted):
     table = planted["table"]
     ds = lance.dataset(str(table))
     before_files = data_files(ds)
-    before = read_results(table)
+    before = read_results(table, considered=False)
     summary = run(config(f"output={planted['out']}", f"dedup.table={table}", "dedup.eps=0.0035"))
     assert summary["run"]["reused"] and summary["columns_written"] == ["duplicate"]
     ds2 = lance.dataset(str(table))
     assert ds2.version == ds.version + 1
-    after = read_results(table)
-    for col in ["clip_id", "embedding", "dedup_cluster", "dedup_centroid_dist", "dedup_max_sim", "dedup_max_id"]:
+    after = read_results(table, considered=False)
+    for col in ["clip_id", "dedup_cluster", "dedup_centroid_dist", "dedup_max_sim", "dedup_max_id"]:
         assert after.column(col).equals(before.column(col)), col
-    sim = np.nan_to_num(after.column("dedup_max_sim").to_numpy(zero_copy_only=False).astype(np.float64), nan=-1)
-    assert after.column("duplicate").to_pylist() == (sim >= 1 - 0.0035).tolist()
+    flat = [pa.compute.list_flatten(t.column("embedding")).to_numpy() for t in (before, after)]
+    np.testing.assert_array_equal(*flat)  # NaN-aware: the bad-nan row is in there
+    sim = after.column("dedup_max_sim").to_numpy(zero_copy_only=False).astype(np.float64)
+    considered = ~np.isnan(after.column("dedup_centroid_dist").to_numpy(zero_copy_only=False).astype(np.float64))
+    want = [bool(s >= 1 - 0.0035) if c else None for s, c in zip(np.nan_to_num(sim, nan=-1), considered)]
+    assert after.column("duplicate").to_pylist() == want
     assert after.column("duplicate").to_pylist() != before.column("duplicate").to_pylist()
     dup_id = next(f.id() for f in ds2.lance_schema.fields() if f.name() == "duplicate")
     new_files = {p: f for p, f in data_files(ds2).items() if p not in before_files}
@@ -370,13 +413,13 @@ def test_new_eps_rewrites_only_duplicate(planted):
     assert pq.read_table(planted["out"] / "dedup" / "duplicates").num_rows == summary["removed"]
     # Back to the first eps: the same duplicates as the first run.
     run(config(f"output={planted['out']}", f"dedup.table={table}"))
-    assert read_results(table).column("duplicate").equals(before.column("duplicate"))
+    assert read_results(table, considered=False).column("duplicate").equals(before.column("duplicate"))
 
 
-def keep_table(path: Path) -> tuple[lance.LanceDataset, dict[str, np.ndarray]]:
+def keep_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One cluster: a near-duplicate trio at different distances from the
     centroid, an exact-duplicate pair (equal distances: ties by id) and
-    unrelated rows."""
+    unrelated rows. Returns (ids, vectors)."""
     rng = np.random.default_rng(5)
     dim = 16
     centre = unit(rng.standard_normal((1, dim)))[0]
@@ -385,47 +428,31 @@ def keep_table(path: Path) -> tuple[lance.LanceDataset, dict[str, np.ndarray]]:
     twin = unit(centre + 0.3 * unit(rng.standard_normal((1, dim))))[0]
     others = unit(centre + 0.5 * rng.standard_normal((12, dim)))
     vecs = np.stack([*trio, twin, twin, *others]).astype(np.float32)
-    ids = ["t-far", "t-mid", "t-near", "twin-a", "twin-b", *[f"o{i:02d}" for i in range(12)]]
-    table = pa.table({"clip_id": ids, "embedding": fixed_size_vectors(vecs)})
-    return lance.write_dataset(table, str(path)), {"ids": np.array(ids), "vecs": vecs}
+    ids = np.array(["t-far", "t-mid", "t-near", "twin-a", "twin-b", *[f"o{i:02d}" for i in range(12)]], dtype=object)
+    lance.write_dataset(pa.table({"clip_id": ids.tolist(), "embedding": fixed_size_vectors(vecs)}), str(path))
+    return ids, vecs
+
+
+NEAR_DUPS = ("t-far", "t-mid", "t-near", "twin-a", "twin-b")
 
 
 def test_keep_hard_and_easy_keep_nemos_member(tmp_path, ray_session):
-    keep_table(tmp_path / "k.lance")
-    kept = {}
-    for keep in ("hard", "easy"):
-        run(config(f"output={tmp_path / keep}", f"dedup.table={tmp_path / 'k.lance'}", f"dedup.keep={keep}",
-                   "dedup.kmeans.n_clusters=1", "dedup.eps=0.02"))
-        t = lance.dataset(str(tmp_path / "k.lance")).to_table(columns=["clip_id", "duplicate", "dedup_max_id"])
-        rows = {r["clip_id"]: r for r in t.to_pylist()}
-        kept[keep] = {i for i in ("t-far", "t-mid", "t-near", "twin-a", "twin-b") if not rows[i]["duplicate"]}
-        assert not any(rows[f"o{i:02d}"]["duplicate"] for i in range(12))
-    # hard keeps the member farthest from the centroid and, on a tie, the larger id;
-    # easy keeps the closest and the smaller id.
-    assert kept["hard"] == {"t-far", "twin-b"}
-    assert kept["easy"] == {"t-near", "twin-a"}
-
-
-def test_bad_vectors_are_skipped_and_counted(tmp_path, ray_session):
-    rng = np.random.default_rng(0)
-    vecs = [list(map(float, v)) for v in unit(rng.standard_normal((40, 8)))]
-    vecs[1] = None
-    vecs[2] = [float("nan")] * 8
-    vecs[3] = [1.0] * 5  # wrong dimension
-    vecs[4] = [0.0] * 8
-    vecs[6] = vecs[5]  # an exact duplicate among the good rows
-    ids = [f"r{i:02d}" for i in range(40)]
-    lance.write_dataset(pa.table({"rid": ids, "vec": pa.array(vecs, pa.list_(pa.float32())),
-                                  "keep_me": [i != 7 for i in range(40)]}), str(tmp_path / "bad.lance"))
-    summary = run(config(f"output={tmp_path / 'out'}", f"dedup.table={tmp_path / 'bad.lance'}",
-                         "dedup.id_column=rid", "dedup.vector_column=vec", "dedup.where=keep_me"))
-    assert summary["run"]["skipped"] == {SKIP_NULL: 1, SKIP_NONFINITE: 1, SKIP_DIM: 1, SKIP_ZERO: 1}
-    assert summary["considered"] == 40 - 1 - 4 and summary["removed"] == 1
-    rows = {r["rid"]: r for r in lance.dataset(str(tmp_path / "bad.lance")).to_table().to_pylist()}
-    for rid in ("r01", "r02", "r03", "r04", "r07"):  # skipped or filtered out: nulls
-        assert all(rows[rid][c] is None for c in DEDUP_COLUMNS), rid
-    assert rows["r05"]["duplicate"] != rows["r06"]["duplicate"]
-    assert sum(bool(r["duplicate"]) for r in rows.values()) == 1
+    ids, vecs = keep_table(tmp_path / "k.lance")
+    dist = 1 - vecs @ unit(vecs.mean(0, keepdims=True))[0]  # k = 1: the centroid is the mean
+    # hard keeps the member farthest from the centroid and, on a tie, the larger
+    # id; easy keeps the closest and the smaller id (NeMo Curator's ranking).
+    expected = {"hard": {"t-far", "twin-b"}, "easy": {"t-near", "twin-a"}}
+    for keep, want in expected.items():
+        sim, _ = SemDedupCluster(keep=keep)(vecs, ids, dist)
+        assert {i for i, s in zip(ids, sim) if i in NEAR_DUPS and not s >= 0.98} == want
+        assert not any(s >= 0.98 for i, s in zip(ids, sim) if i not in NEAR_DUPS)
+    # Through the task (hard is what the planted table runs with).
+    run(config(f"output={tmp_path / 'easy'}", f"dedup.table={tmp_path / 'k.lance'}", "dedup.keep=easy",
+               "dedup.kmeans.n_clusters=1", "dedup.eps=0.02"))
+    rows = {r["clip_id"]: r for r in lance.dataset(str(tmp_path / "k.lance")).to_table().to_pylist()}
+    assert {i for i in NEAR_DUPS if not rows[i]["duplicate"]} == expected["easy"]
+    assert not any(rows[i]["duplicate"] for i in ids if i not in NEAR_DUPS)
+    np.testing.assert_allclose([rows[i]["dedup_centroid_dist"] for i in ids], dist, atol=1e-5)
 
 
 def test_bad_tables_fail_clearly_and_commit_nothing(tmp_path):
