@@ -36,9 +36,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
 import pyarrow as pa
+import torch
 
 from engine.schema import DEDUP_ASSIGN_SCHEMA
 from udfs.dedup.vectors import checked_rows, pick_device, pick_dtype
@@ -46,7 +45,8 @@ from udfs.dedup.vectors import checked_rows, pick_device, pick_dtype
 BACKENDS = ("auto", "torch", "faiss", "cuml")
 SEEDINGS = ("k-means||", "k-means++")
 
-# The CPU backend `auto` picks; scripts/bench_dedup.py --backends measured it.
+# The CPU backend `auto` picks. `scripts/bench_dedup.py --backends` measured
+# torch and faiss level per Lloyd iteration here; torch needs no extra package.
 FASTEST_CPU_BACKEND = "torch"
 
 # Score-matrix elements per chunk (rows x centroids): 64 MB in fp32.
@@ -68,7 +68,7 @@ def resolve_backend(backend: str = "auto", device: str = "auto") -> str:
     if backend == "auto":
         if pick_device(device).type == "cuda" and have_cuml():
             return "cuml"
-        return FASTEST_CPU_BACKEND if FASTEST_CPU_BACKEND != "faiss" or have_faiss() else "torch"
+        return FASTEST_CPU_BACKEND
     if backend == "faiss" and not have_faiss():
         raise ImportError("k-means backend 'faiss' needs the faiss-cpu package (pip install faiss-cpu)")
     if backend == "cuml":
