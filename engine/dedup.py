@@ -50,9 +50,10 @@ from engine import outputs
 from engine.lance_columns import base_signature, write_columns
 from engine.ray_session import cluster_resources, ensure_ray
 from engine.schema import CLIP_DEDUP_FIELDS, DEDUP_PAIRWISE_SCHEMA
-from engine.stages import StageStep, _pool, apply_stage, check_gpus, node_dict, stage_params
+from engine.stages import StageStep, actor_pool, apply_stage, check_gpus, node_dict, stage_params
 from engine.timing import start_clock, timed
 from engine.uris import arrow_fs, lance_storage_options, scheme_of
+from engine.views import CURATED
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ DEDUP_COLUMNS = [f.name for f in CLIP_DEDUP_FIELDS]
 # Keys of dedup.kmeans the engine uses itself (the rest go to KMeans).
 KMEANS_ENGINE_KEYS = ("fit_fraction", "min_rows_per_cluster", "resources")
 SHUFFLES = {"sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, "hash": ShuffleStrategy.SHUFFLE_V2}
-# The curated view of a curate run's clip table.
-CURATED_VIEW = "passed AND error IS NULL"
 
 
 # ------------------------------------------------------------------ the source table
@@ -105,7 +104,7 @@ class DedupSource:
         if where:
             return str(where)
         names = self.dataset.schema.names
-        return CURATED_VIEW if {"passed", "error"} <= set(names) else None
+        return CURATED if {"passed", "error"} <= set(names) else None
 
     def matching_row_ids(self) -> np.ndarray:
         """`_rowid` of every row `where` selects (scalar columns only)."""
@@ -351,7 +350,7 @@ def assign_and_compare(cfg: DictConfig, source: DedupSource, centroids: np.ndarr
         partitions = int(dcfg.get("shuffle_partitions") or max(1, min(k, 4 * int(cpus))))
         pairs = clustered.groupby("cluster", num_partitions=partitions).map_groups(
             timed(ClusterPairwise, pair_step.name, clock_name), fn_constructor_kwargs=pair_step.params,
-            batch_format="pyarrow", compute=_pool(pair_step, cpus, gpus), num_cpus=pair_step.num_cpus,
+            batch_format="pyarrow", compute=actor_pool(pair_step, cpus, gpus), num_cpus=pair_step.num_cpus,
             num_gpus=pair_step.num_gpus or None)
         results = pa.concat_tables([DEDUP_PAIRWISE_SCHEMA.empty_table(), *ray.get(pairs.to_arrow_refs())])
         phase_s["pairwise_s"] = time.perf_counter() - t
