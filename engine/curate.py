@@ -80,9 +80,8 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
     frames) one decode of each clip for them, then the model stages.
 
     Models are resolved here, on the driver, before any video is decoded: a
-    missing path fails the run at once, and a hub id downloads once."""
-    from udfs.models.loading import resolve_model, resolve_stage_models
-
+    missing path fails the run at once, and a hub id downloads once. (Model
+    loading imports torch, ~2 s: only runs with a model stage pay for it.)"""
     preview = node_dict(cfg, "preview")
     motion, aesthetic, embed, caption = (node_dict(cfg, k) for k in ("motion", "aesthetic", "embed", "caption"))
     motion_on = motion.get("mode", "disable") != "disable"
@@ -100,6 +99,8 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
     model_steps: list[StageStep] = []
 
     if aesthetic.get("enabled"):
+        from udfs.models.loading import resolve_model
+
         params = stage_params(aesthetic)
         params["model"] = resolve_model(str(params["model"]), revision=params.get("revision"))
         # Absolute: actors may not share the driver's working directory.
@@ -112,6 +113,8 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
 
         if embed["name"] not in EMBED_STAGES:
             raise ValueError(f"unknown embed={embed['name']!r}; choose one of {['none', *EMBED_STAGES]}")
+        from udfs.models.loading import resolve_stage_models
+
         params = resolve_stage_models(stage_params(embed))
         params["name"] = embed["name"]
         consumers["embed"] = embed.get("frames")
@@ -123,6 +126,8 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
 
         if caption["name"] not in CAPTION_STAGES:
             raise ValueError(f"unknown caption={caption['name']!r}; choose one of {['none', *CAPTION_STAGES]}")
+        from udfs.models.loading import resolve_stage_models
+
         params = resolve_stage_models(stage_params(caption))
         consumers["caption"] = caption.get("frames")
         model_steps.append(StageStep.from_node("caption", CAPTION_STAGES[caption["name"]], caption, params=params,

@@ -62,8 +62,9 @@ class PeakRSS:
     """Peak resident memory of this process and all its descendants, plus
     extra process trees (Ray's workers are children of the raylet)."""
 
-    def __init__(self, extra_roots: list[int] | None = None, interval: float = 0.1) -> None:
-        self.roots = [os.getpid(), *(extra_roots or [])]
+    def __init__(self, extra_roots: list[int] | None = None, interval: float = 0.1, children_only: bool = False) -> None:
+        # children_only: just the extra roots and their descendants (one FFmpeg process), not this one.
+        self.roots = [*([] if children_only else [os.getpid()]), *(extra_roots or [])]
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
@@ -163,19 +164,28 @@ def ffmpeg_command(src: Path, out_dir: Path, spans: list[tuple[int, int]], fps: 
 def run_ffmpeg(jobs: list[list[str]], out_dir: Path) -> dict[str, float]:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        for cmd in jobs:
-            subprocess.run(cmd, check=True)
-        wall = time.perf_counter() - t0
+    peak = 0
+    t0 = time.perf_counter()
+    for cmd in jobs:
+        proc = subprocess.Popen(cmd)
+        with PeakRSS([proc.pid], children_only=True, interval=0.02) as mem:
+            if proc.wait() != 0:
+                raise subprocess.CalledProcessError(proc.returncode, cmd)
+        peak = max(peak, mem.peak)
+    wall = time.perf_counter() - t0
     clips = list(out_dir.glob("*.mp4"))
-    return {"wall_s": wall, "peak_rss_mb": mem.peak / 2**20, "clips": len(clips),
+    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "clips": len(clips),
             "clip_mb": sum(p.stat().st_size for p in clips) / 2**20}
 
 
 # ------------------------------------------------------------------ reelsift
 def engine_overrides(inputs: list[Path], out: Path, preset: str, crf: int, extra: list[str]) -> list[str]:
-    source = str(inputs[0]) if len(inputs) == 1 else str(inputs[0].parent)
+    source = str(inputs[0])
+    if len(inputs) > 1:  # a JSON file list, one of the input forms the engine takes
+        listing = out.parent / f"{out.name}_inputs.json"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text(json.dumps([str(p.resolve()) for p in inputs]))
+        source = str(listing)
     return [f"input={source}", f"output={out}", "overwrite=true", f"transcode.preset={preset}",
             f"transcode.crf={crf}", "ray.progress=false", *extra]
 
@@ -228,6 +238,8 @@ def main() -> None:
     parser.add_argument("--short-count", type=int, default=60)
     parser.add_argument("--cli", action="store_true",
                         help="also time the default config as a whole `python -m engine` command")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for every reelsift run (e.g. transcode.threads=2)")
     parser.add_argument("--work", default=str(REPO / "bench_out" / "split"))
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -248,8 +260,8 @@ def main() -> None:
 
     # The first run in a fresh Ray also pays for starting and warming its
     # worker processes (each imports PyAV, pyarrow, Lance): reported alone.
-    cold = run_engine(engine_overrides(short_inputs(work, 1), work / "out_cold", args.presets[0], args.crf, []),
-                      raylet_pids)
+    cold = run_engine(engine_overrides(short_inputs(work, 1), work / "out_cold", args.presets[0], args.crf,
+                                       args.override), raylet_pids)
     results["cold_run"] = cold
 
     runs: list[dict] = results["runs"]  # type: ignore[assignment]
@@ -262,7 +274,8 @@ def main() -> None:
             runs.append({"workload": name, "preset": preset, "run": "ffmpeg", **ff, "ratio": 1.0})
             print(f"{name:6s} {preset:9s} ffmpeg           {ff['wall_s']:7.1f} s", flush=True)
             for config in args.configs:
-                overrides = engine_overrides(inputs[name], work / f"out_{name}", preset, args.crf, CONFIGS[config])
+                overrides = engine_overrides(inputs[name], work / f"out_{name}", preset, args.crf,
+                                             [*CONFIGS[config], *args.override])
                 res = run_engine(overrides, raylet_pids)
                 assert res["clips"] == expected_clips[name] and not res["clips_failed"], res
                 res["ratio"] = res["wall_s"] / ff["wall_s"]
@@ -270,7 +283,7 @@ def main() -> None:
                 print(f"{name:6s} {preset:9s} reelsift {config:8s}{res['wall_s']:7.1f} s  {res['ratio']:.2f}x  "
                       f"stages {res['stages']}", flush=True)
             if args.cli and preset == args.presets[0]:
-                overrides = engine_overrides(inputs[name], work / f"out_cli_{name}", preset, args.crf, [])
+                overrides = engine_overrides(inputs[name], work / f"out_cli_{name}", preset, args.crf, args.override)
                 res = run_engine_cli(overrides)
                 res["ratio"] = res["wall_s"] / ff["wall_s"]
                 runs.append({"workload": name, "preset": preset, "run": "reelsift default, whole command", **res})
@@ -280,6 +293,8 @@ def main() -> None:
     import ray
 
     ray.shutdown()
+    if args.override:
+        print(f"\noverrides for every reelsift run: {' '.join(args.override)}")
     print(f"\nRay start-up (not in the runs below): {results['ray_start_s']:.1f} s; first (cold) engine run on one "
           f"short video: {cold['wall_s']:.1f} s; {os.cpu_count()} cores; libx264 crf={args.crf}")
     print("| workload | preset | run | wall s | ratio to FFmpeg | output MB | peak RSS MB | stage busy s |")

@@ -211,3 +211,47 @@ def test_still_video_is_low_motion_from_transcode(tmp_path):
     moving = transcode(plan([str(write_video(tmp_path / "moving.mp4", width=160, height=96, fps=24, seconds=3))],
                             min_clip_s=1.0), motion=MOTION, preview={"enabled": False})
     assert moving[0]["passed"] is True and moving[0]["motion_global_mean"] > 0.00098
+
+
+def test_vectors_only_decode_exports_the_full_decodes_vectors(good_videos):
+    """Skipping deblocking and unsampled non-reference frames changes no
+    exported motion vector: array-equal to a plain full decode."""
+    from fractions import Fraction
+
+    from udfs.analysis.motion_decode import decode_motion_vectors
+
+    clip = transcode(plan([str(good_videos["hd_30fps_23s.mp4"])]), preset="medium", preview={"enabled": False})[0]
+    wanted = set(range(0, clip["num_frames"], 15))
+    full: dict[int, np.ndarray] = {}
+    packets = []
+    with av.open(io.BytesIO(clip["mp4"])) as c:
+        stream = c.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        stream.thread_type = "SLICE"
+        to_index = stream.time_base * Fraction(30)
+        extradata = stream.codec_context.extradata
+        for packet in c.demux(stream):
+            if packet.size:
+                packets.append((bytes(packet), int(packet.pts * to_index), int(packet.dts * to_index)))
+            for i, frame in enumerate(packet.decode()):
+                index = round(frame.pts * to_index)
+                side = frame.side_data.get("MOTION_VECTORS")
+                if index in wanted and side is not None:
+                    full[index] = side.to_ndarray().copy()
+    # The mp4 holds length-prefixed NAL units; its avcC extradata says so.
+    cheap, decoded = decode_motion_vectors(packets, codec="h264", extradata=extradata, wanted=wanted)
+    assert decoded == len(wanted) and len(cheap) == len(full) >= len(wanted) - 1  # frame 0 is an I-frame
+    for (index, ref), got in zip(sorted(full.items()), cheap):
+        assert np.array_equal(ref, got), index
+
+
+def test_videos_of_a_batch_transcoded_concurrently_give_the_same_clips(good_videos):
+    table = plan([str(good_videos[n]) for n in ("hd_30fps_23s.mp4", "odd_25fps_12s.mp4", "short_15fps_3s.mp4")])
+    one = transcode(table, video_workers=1, motion=MOTION)
+    two = transcode(table, video_workers=2, motion=MOTION)
+    key = lambda c: c["clip_id"]  # noqa: E731
+    assert sorted(map(key, one)) == sorted(map(key, two)) and len(one) == 6
+    for a, b in zip(sorted(one, key=key), sorted(two, key=key)):
+        assert (a["start_frame"], a["end_frame"], a["num_frames"], a["motion_global_mean"]) == \
+            (b["start_frame"], b["end_frame"], b["num_frames"], b["motion_global_mean"])
+        assert_exact_clip(b)

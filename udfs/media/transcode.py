@@ -27,8 +27,11 @@ two cores and worse on small frames.
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -56,6 +59,9 @@ _NVENC_PRESETS = {
     "medium": "p5", "slow": "p6", "slower": "p7", "veryslow": "p7", "placebo": "p7",
 }
 THREAD_TYPES = ("frame", "slice", "auto")
+
+# Clips waiting for the finishing thread before the decode loop waits for it.
+MAX_FINISHING = 4
 
 # Clip rows handed downstream per table: bounded memory per worker without a
 # block per clip.
@@ -297,6 +303,7 @@ class ClipTranscoder:
         threads: int = 0,
         thread_type: str = "frame",
         decode_threads: int = 0,
+        video_workers: int = 1,
         keep_audio: bool = True,
         preview: dict[str, Any] | None = None,
         motion: Mapping[str, Any] | MotionSettings | None = None,
@@ -311,6 +318,7 @@ class ClipTranscoder:
         self.threads = threads
         self.thread_type = thread_type
         self.decode_threads = decode_threads
+        self.video_workers = max(1, int(video_workers))
         self.keep_audio = keep_audio
         preview = dict(preview or {})
         self.preview_enabled = bool(preview.get("enabled", True))
@@ -326,25 +334,59 @@ class ClipTranscoder:
             self.motion = settings if settings.enabled else None
         self.schema = clip_schema(CLIP_MOTION_FIELDS) if self.motion else CLIP_BASE_SCHEMA
         self.storage_options = storage_options
-        # swscale contexts kept across frames: a fresh one per frame costs more than the conversion.
-        self._reformatters: dict[str, VideoReformatter] = {}
+        # swscale contexts kept across frames (a fresh one per frame costs more than
+        # the conversion), one set per thread: videos of a batch may run at once.
+        self._local = threading.local()
 
     def output_fields(self) -> list[pa.Field]:
         """Columns beyond the base clip schema (the motion scores, when on)."""
         return list(CLIP_MOTION_FIELDS) if self.motion else []
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for row in batch.to_pylist():
-            if row.get("error") is not None or not row.get("span_start_frames"):
-                continue
-            rows: list[dict[str, Any]] = []
-            for clip in self._transcode_video(row):
-                rows.append(clip)
-                if len(rows) >= ROWS_PER_TABLE:
-                    yield self._table(rows)
-                    rows = []
-            if rows:
+        videos = [row for row in batch.to_pylist()
+                  if row.get("error") is None and row.get("span_start_frames")]
+        if self.video_workers > 1 and len(videos) > 1:
+            clips = self._concurrently(videos)
+        else:
+            clips = (clip for video in videos for clip in self._transcode_video(video))
+        rows: list[dict[str, Any]] = []
+        for clip in clips:
+            rows.append(clip)
+            if len(rows) >= ROWS_PER_TABLE:
                 yield self._table(rows)
+                rows = []
+        if rows:
+            yield self._table(rows)
+
+    def _concurrently(self, videos: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Clips of several videos transcoded at once, one thread each (PyAV
+        drops the GIL while it decodes and encodes): one video's serial parts
+        (demux, start-up, the last frames' flush, audio) overlap another's
+        encoding, which a loop of one video at a time leaves idle."""
+        done = object()
+        out: queue.Queue[Any] = queue.Queue()
+
+        def work(video: dict[str, Any]) -> None:
+            try:
+                for clip in self._transcode_video(video):
+                    out.put(clip)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                out.put(exc)
+            finally:
+                out.put(done)
+
+        with ThreadPoolExecutor(max_workers=self.video_workers, thread_name_prefix="video") as pool:
+            for video in videos:
+                pool.submit(work, video)
+            running = len(videos)
+            while running:
+                item = out.get()
+                if item is done:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
 
     def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
         reasons = [row.pop("_motion_reason", None) for row in rows]
@@ -407,10 +449,31 @@ class ClipTranscoder:
         }
 
     def _reformat(self, frame: av.VideoFrame, width: int, height: int, key: str) -> av.VideoFrame:
-        reformatter = self._reformatters.setdefault(key, VideoReformatter())
+        if not hasattr(self._local, "reformatters"):
+            self._local.reformatters = {}
+        reformatter = self._local.reformatters.setdefault(key, VideoReformatter())
         return reformatter.reformat(frame, width=width, height=height, format="yuv420p")
 
     def _transcode_video(self, video: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        # Finishing a clip (closing its mp4, its motion decode, its WebP) runs on a
+        # second thread: the decode/encode loop goes on feeding x264 meanwhile,
+        # instead of leaving its frame threads idle at every clip end.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-finish") as finisher:
+            finishing: deque[Future[dict[str, Any]]] = deque()
+            for row in self._cut_video(video, lambda clip: finishing.append(finisher.submit(self._finish, video, clip))):
+                if row is not None:  # an error row: in line with the clips, so rows keep span order
+                    done: Future[dict[str, Any]] = Future()
+                    done.set_result(row)
+                    finishing.append(done)
+                # Yield what is done; wait only when too many finished clips pile up.
+                while finishing and (finishing[0].done() or len(finishing) > MAX_FINISHING):
+                    yield finishing.popleft().result()
+            while finishing:
+                yield finishing.popleft().result()
+
+    def _cut_video(self, video: dict[str, Any], finish: Any) -> Iterator[dict[str, Any]]:
+        """Decode `video` once and feed its spans' encoders; finished clips go
+        to `finish`, error rows are yielded (None rows are progress ticks)."""
         spans = sorted(zip(video["span_start_frames"], video["span_end_frames"]))
         chains = [_Chain(spans=deque(c)) for c in plan_chains(spans)]
         chain_of = {i: chain for chain in chains for i in chain.spans}
@@ -488,14 +551,15 @@ class ClipTranscoder:
                         while chain.clips and chain.clips[0].video_done and (
                                 chain.clips[0].error is not None or audio_clock >= chain.clips[0].end_s
                                 or video_clock >= chain.clips[0].end_s + AUDIO_WAIT_S):
-                            yield self._finish(video, chain.clips.pop(0))
+                            finish(chain.clips.pop(0))
+                    yield None
                     if next_span >= len(spans) and not any(c.clips for c in chains):
                         break  # nothing left to cut: skip the rest of the file
                 # End of stream: what is still open got all the frames there are.
                 for chain in chains:
                     self._flush(chain)
                     for clip in chain.clips:
-                        yield self._finish(video, clip)
+                        finish(clip)
                     chain.clips = []
                 for index in range(next_span, len(spans)):
                     start, end = spans[index]
