@@ -62,7 +62,8 @@ class PeakRSS:
     """Peak resident memory of this process and all its descendants, plus
     extra process trees (Ray's workers are children of the raylet)."""
 
-    def __init__(self, extra_roots: list[int] | None = None, interval: float = 0.1, children_only: bool = False) -> None:
+    def __init__(self, extra_roots: list[int] | None = None, interval: float = 0.1,
+                 children_only: bool = False) -> None:
         # children_only: just the extra roots and their descendants (one FFmpeg process), not this one.
         self.roots = [*([] if children_only else [os.getpid()]), *(extra_roots or [])]
         self.interval = interval

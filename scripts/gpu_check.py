@@ -100,6 +100,10 @@ TINY = {
 }
 
 
+def shape(full: str) -> str:
+    return full if SIZES is not TINY else "tiny shapes"
+
+
 def sync() -> None:
     import torch
 
@@ -298,7 +302,8 @@ def check_clip_embed(work: Path) -> Row:
     c, cpu_s = timed(lambda: cpu.embed_clips(clips[:8]))
     cos = cosine_rows(g[:8], c)
     return Row("clip_embed_bf16", "ok" if cos.min() > 0.99 else f"FAIL: min cosine {cos.min():.4f}",
-               check=f"ViT-B/32 shapes, 8 frames x 224 px per clip: cosine(gpu bf16, cpu fp32) min {cos.min():.4f}",
+               check=f"{shape('ViT-B/32 shapes')}, 8 frames x {SIZES['clip_frames']} px per clip: "
+                     f"cosine(gpu bf16, cpu fp32) min {cos.min():.4f}",
                gpu=rate(len(clips), gpu_s, "clips"), cpu=rate(8, cpu_s, "clips"))
 
 
@@ -316,7 +321,8 @@ def check_cosmos_embed(work: Path) -> Row:
     c, cpu_s = timed(lambda: cpu.embed_clips(clips))
     cos = cosine_rows(g, c)
     return Row("cosmos_embed1_bf16", "ok" if cos.min() > 0.99 else f"FAIL: min cosine {cos.min():.4f}",
-               check=f"8 x 336 px -> 768-d, remote code: cosine(gpu bf16, cpu fp32) min {cos.min():.4f}",
+               check=f"{shape('Cosmos-Embed1 shapes')}, 8 x {SIZES['cosmos_frames']} px, remote code: "
+                     f"cosine(gpu bf16, cpu fp32) min {cos.min():.4f}",
                gpu=rate(len(clips), gpu_s, "clips"), cpu=rate(len(clips), cpu_s, "clips"))
 
 
@@ -353,7 +359,8 @@ def check_qwen_caption(work: Path) -> Row:
                                           top_p=1, seed=0))
     ok = cos > 0.98
     return Row("qwen_vl_caption_bf16", "ok" if ok else f"FAIL: logits cosine {cos:.4f}",
-               check=f"Qwen2.5-VL-7B widths, 4+4 layers, 8 frames x 448 px: next-token logits cosine(gpu bf16, "
+               check=f"{shape('Qwen2.5-VL-7B widths, 4+4 layers')}, 8 frames x {SIZES['qwen_frames']} px: "
+                     "next-token logits cosine(gpu bf16, "
                      f"cpu fp32) {cos:.4f}, same top token: {same_top}",
                gpu=rate(gpu_tokens, gpu_s, "tokens") + f" (4 windows)",
                cpu=rate(cpu.last_generated_tokens, cpu_s, "tokens") + " (1 window)")
@@ -441,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(CHECKS)
     missing = gpu_present()
     if args.smoke:
-        DEVICE, SIZES, missing = "cpu", dict(TINY), None
+        DEVICE, SIZES, missing = "cpu", TINY, None
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name in names:

@@ -460,7 +460,10 @@ class ClipTranscoder:
         # instead of leaving its frame threads idle at every clip end.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-finish") as finisher:
             finishing: deque[Future[dict[str, Any]]] = deque()
-            for row in self._cut_video(video, lambda clip: finishing.append(finisher.submit(self._finish, video, clip))):
+            def finish(clip: _Clip) -> None:
+                finishing.append(finisher.submit(self._finish, video, clip))
+
+            for row in self._cut_video(video, finish):
                 if row is not None:  # an error row: in line with the clips, so rows keep span order
                     done: Future[dict[str, Any]] = Future()
                     done.set_result(row)
