@@ -135,10 +135,12 @@ def report_uncut(batch: pa.Table, *, ledger_name: str) -> pa.Table:
 
 def reporting(stage_cls: type, ledger_name: str) -> type:
     """`stage_cls` (the transcoder: video rows in, clip rows out) wrapped so
-    that, after each video, the ledger learns its row and its clip ids.
+    that the ledger learns each video's row and its clip ids.
 
-    The report is sent before the video's task can finish, so the driver
-    always has it by the time the stream ends."""
+    The transcoder gets its whole batch at once (it may transcode the videos
+    of a batch concurrently), so the reports go out when the batch is done:
+    before its task can finish, so the driver always has them by the time
+    the stream ends."""
 
     class Reporting:
         def __init__(self, **kwargs: Any) -> None:
@@ -146,14 +148,14 @@ def reporting(stage_cls: type, ledger_name: str) -> type:
             self._ledger = ray.get_actor(ledger_name)
 
         def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-            for i in range(batch.num_rows):
-                video = batch.slice(i, 1)
-                clip_ids: list[str] = []
-                result = self._stage(video)
-                for part in (result if inspect.isgenerator(result) or isinstance(result, Iterator) else [result]):
-                    clip_ids.extend(part.column("clip_id").to_pylist())
-                    yield part
-                ray.get(self._ledger.report.remote(video, clip_ids))
+            video_ids = batch.column("video_id").to_pylist()
+            clip_ids: dict[str, list[str]] = {v: [] for v in video_ids}
+            result = self._stage(batch)
+            for part in (result if inspect.isgenerator(result) or isinstance(result, Iterator) else [result]):
+                for video_id, clip_id in zip(part.column("video_id").to_pylist(), part.column("clip_id").to_pylist()):
+                    clip_ids[video_id].append(clip_id)
+                yield part
+            ray.get([self._ledger.report.remote(batch.slice(i, 1), clip_ids[v]) for i, v in enumerate(video_ids)])
 
     Reporting.__name__ = Reporting.__qualname__ = stage_cls.__name__
     return Reporting

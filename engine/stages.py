@@ -89,7 +89,7 @@ class StageStep:
         )
 
 
-def _pool(step: StageStep, cpus: float, gpus: float) -> ActorPoolStrategy:
+def actor_pool(step: StageStep, cpus: float, gpus: float) -> ActorPoolStrategy:
     if step.concurrency:
         return ActorPoolStrategy(size=int(step.concurrency))
     if step.num_gpus > 0:
@@ -153,7 +153,7 @@ def apply_stage(ds: ray.data.Dataset, step: StageStep, clock_name: str, cpus: fl
             common["max_calls"] = 0
         return ds.map_batches(_call_stage, fn_kwargs={"stage": stage, "params": step.params}, compute=compute,
                               **common)
-    return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=_pool(step, cpus, gpus), **common)
+    return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=actor_pool(step, cpus, gpus), **common)
 
 
 def blocks(table: pa.Table, max_blocks: int) -> list[pa.Table]:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TASKS: dict[str, str] = {
     "curate": "engine.curate",
     "export": "engine.export",
+    "dedup": "engine.dedup",
 }
 READS_VIDEOS = frozenset({"curate"})
 
