@@ -191,15 +191,16 @@ def admission(cfg: DictConfig, cpus: float, video_steps: list[StageStep],
               clip_steps: list[StageStep]) -> tuple[int, int]:
     """(videos admitted at once, URIs per input chunk).
 
-    Every stage waits for a full batch before it starts, and Ray Data may
-    fuse transcode with the clip stage after it (whose batch then counts).
-    Admitted videos can sit in each of those batches at once, so a limit
-    below their sum plus a chunk could stall the stream; it never goes
-    below that."""
+    A video is in flight from admission to the end of its transcode task
+    (never fused with the stage after it). Every stage waits for a full
+    batch before it starts, and admitted videos can sit in each of those
+    batches at once, so a limit below their sum plus a chunk could stall the
+    stream; it never goes below that."""
     configured = cfg.write.get("max_videos_in_flight")
     wanted = int(configured) if configured else int(4 * cpus)
     chunk = max(1, min(MAX_INPUT_CHUNK, wanted // 4))
-    floor = sum(s.batch_size or 1 for s in video_steps) + max(s.batch_size or 1 for s in clip_steps) + chunk
+    transcode = clip_steps[0]
+    floor = sum(s.batch_size or 1 for s in [*video_steps, transcode]) + chunk
     return max(wanted, floor), chunk
 
 

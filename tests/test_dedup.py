@@ -547,19 +547,10 @@ def test_end_to_end_reencoded_crop_is_flagged(tmp_path, ray_session):
 
 # ------------------------------------------------------------------ object store
 @pytest.fixture(scope="module")
-def bucket():
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-    client.create_bucket(Bucket="emb")
-    yield client, {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
-                   "secret_key": "testing", "region": "us-east-1"}
-    server.stop()
+def bucket(local_s3):
+    client, opts = local_s3
+    client.create_bucket(Bucket="emb")  # moto's store is per process: a name of this module's own
+    return client, opts
 
 
 def test_dedup_of_a_table_in_a_bucket(ray_session, bucket):

@@ -228,22 +228,13 @@ def test_cli_export_task_and_its_errors(training_output, tmp_path):
 
 # -------------------------------------------------------------------- S3
 @pytest.fixture(scope="module")
-def s3_output(training_output):
+def s3_output(local_s3, training_output):
     """The training table copied into a bucket on a local S3 server. moto's
     store is per process, shared with tests/test_s3.py: this module uses its
     own bucket and empties it afterwards."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     from engine.uris import lance_storage_options
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    opts = {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
-            "secret_key": "testing", "region": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client, opts = local_s3
     client.create_bucket(Bucket=BUCKET)
     clips = lance.dataset(str(training_output / "clips.lance"))
     table = clips.to_table(columns=[n for n in clips.schema.names if n != "mp4" and n != "preview_webp"],
@@ -259,7 +250,6 @@ def s3_output(training_output):
         for obj in page.get("Contents", []):
             client.delete_object(Bucket=BUCKET, Key=obj["Key"])
     client.delete_bucket(Bucket=BUCKET)
-    server.stop()
 
 
 def test_exports_and_loader_read_an_s3_output(s3_output, training_output):

@@ -128,7 +128,7 @@ def test_streaming_commits_and_bounded_admission(clean, ray_session, inputs, tmp
     out = tmp_path / "bounded"
     bounded = run(config(f"input={inputs}", f"output={out}", *SETTINGS, "write.max_videos_in_flight=4",
                          "probe.resources.batch_size=1", "split.resources.batch_size=1",
-                         "frames.resources.batch_size=1"))
+                         "transcode.resources.batch_size=1"))
     assert bounded["run"]["max_videos_in_flight"] == 4
     assert 0 < bounded["run"]["most_videos_in_flight"] <= 4
     assert tables(str(out)) == expected
@@ -197,7 +197,6 @@ def committed_videos(out) -> int:
 def test_kill_9_of_the_driver_then_the_same_command(clean, inputs, tmp_path):
     out = str(tmp_path / "out")
     env = {**os.environ, "PYTHONPATH": REPO}
-    # Motion scoring on (the default): a second decode per clip makes the run long enough to kill.
     proc = subprocess.Popen(cli(inputs, out), cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

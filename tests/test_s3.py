@@ -8,7 +8,6 @@ import json
 import lance
 import pytest
 from hydra import compose, initialize_config_dir
-from moto.server import ThreadedMotoServer
 
 from engine.cli import CONFIG_DIR
 from engine.lance_io import read_blob_bytes
@@ -19,22 +18,14 @@ from udfs.media.video import decode_rgb_bytes
 
 
 @pytest.fixture(scope="module")
-def s3(video_dir):
-    import boto3
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+def s3(local_s3, video_dir):
+    client, opts = local_s3
     client.create_bucket(Bucket="raw")
     client.create_bucket(Bucket="curated")
     for name in ("short_15fps_3s.mp4", "odd_25fps_12s.mp4", "corrupt.mp4"):
         client.upload_file(str(video_dir / name), "raw", f"in/{name}")
     client.put_object(Bucket="raw", Key="in/readme.txt", Body=b"not listed: no video extension")
-    yield client, {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
-                   "secret_key": "testing", "region": "us-east-1"}
-    server.stop()
+    return client, opts
 
 
 def test_listing_a_bucket_prefix(s3):

@@ -21,7 +21,6 @@ from typing import Any
 
 import lance
 import numpy as np
-import webdataset as wds
 
 from engine.exporters.rows import duration_s, jsonable, scan_clips
 from engine.exporters.target import ExportTarget
@@ -88,6 +87,10 @@ class _BinWriter:
         if full:
             self.close()
         if self._tar is None:
+            # Here, not at the top: webdataset imports torch (~2 s), which a
+            # curate run without exports or model stages never needs.
+            import webdataset as wds
+
             name = f"{len(self.shards):06d}.tar"
             self.shards.append(self.target.uri(self.bin_dir, f"part_{self.part:06d}", name))
             self._stream = self.target.open(self.bin_dir, f"part_{self.part:06d}", name)
