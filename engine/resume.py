@@ -27,7 +27,8 @@ CLIP_NODES = ("split", "transcode", "preview", "motion", "frames", "aesthetic", 
 # Keys that change speed, placement or memory, never the output.
 RUNTIME_KEYS = frozenset({
     "resources", "storage_options", "threads", "decode_threads", "decode_workers", "prefetch_videos",
-    "torch_threads", "batch_size", "frame_batch_size", "model_batch_size", "gpu_decode",
+    "torch_threads", "batch_size", "frame_batch_size", "model_batch_size", "gpu_decode", "video_workers",
+    "thread_type",
 })
 
 # The key that turns a node off, and the value meaning "off"; an off node's
@@ -44,8 +45,9 @@ def clip_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings of `cfg` that define the clips, as flat dotted keys."""
     nodes = {name: node_dict(cfg, name) for name in CLIP_NODES}
     active = {name: _is_on(name, data) for name, data in nodes.items()}
-    # Frames are extracted only when motion or a model stage consumes them.
-    active["frames"] = any(active[n] for n in ("motion", "aesthetic", "embed", "caption"))
+    # Frames are extracted only for the model stages (motion is scored from
+    # the transcode's own packets).
+    active["frames"] = any(active[n] for n in ("aesthetic", "embed", "caption"))
     out: dict[str, Any] = {}
     for name, data in nodes.items():
         if not active[name]:

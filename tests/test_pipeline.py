@@ -110,6 +110,12 @@ def test_clip_ids_identical_across_runs(first_run, ray_session, good_videos, tmp
     cfg.resume = False
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run(cfg)
+    # overwrite=true starts over: nothing skipped, every video redone, no row twice.
+    cfg.overwrite = True
+    redone = run(cfg)
+    assert not redone["run"]["resumed"] and redone["run"]["videos_skipped"] == 0
+    assert redone["run"]["videos_committed"] == 2 and redone["clips"] == len(again)
+    assert lance.dataset(str(tmp_path / "clips.lance")).count_rows() == len(again)
 
 
 def test_cli_prints_config_and_runs_a_sweep(tmp_path, good_videos):

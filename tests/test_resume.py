@@ -174,7 +174,7 @@ def test_resume_refuses_changed_clip_settings(clean, ray_session, inputs):
         run(config(f"input={inputs}", f"output={out}", *SETTINGS, "transcode.crf=30"))
     # Speed settings are not clip settings; force continues anyway.
     assert run(config(f"input={inputs}", f"output={out}", *SETTINGS, "transcode.threads=1",
-                      "write.resources.batch_size=4"))["run"]["videos_skipped"] == 9
+                      "transcode.video_workers=1", "write.resources.batch_size=4"))["run"]["videos_skipped"] == 9
     forced = run(config(f"input={inputs}", f"output={out}", *SETTINGS, "split.clip_len_s=3", "resume=force"))
     assert forced["run"]["forced"] and forced["clips"] == clean[2]["clips"]
     with pytest.raises(FileExistsError, match="overwrite=true"):
