@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 TASKS: dict[str, str] = {
     "curate": "engine.curate",
     "export": "engine.export",
+    "index": "engine.index",
+    "search": "engine.search",
+    "serve": "engine.serve",
 }
 READS_VIDEOS = frozenset({"curate"})
 
