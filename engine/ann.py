@@ -247,23 +247,28 @@ def default_sub_vectors(dim: int, dims_per_sub_vector: int) -> int:
 
 
 def plan_index(num_rows: int, dim: int, *, index_type: str, params: dict[str, Any], exact_max_rows: int,
-               rows_per_partition: int, dims_per_sub_vector: int) -> IndexPlan:
+               rows_per_partition: int, dims_per_sub_vector: int, max_sq_gb: float = 16.0) -> IndexPlan:
     """The index for `num_rows` vectors of size `dim`.
 
-    `index_type=auto`: none below `exact_max_rows` (exact search over so few
-    vectors is fast and perfect), else IVF_PQ with about `rows_per_partition`
-    rows per partition and `dim / dims_per_sub_vector` sub-vectors; refine
-    then re-ranks candidates on the raw vectors (the knobs are tuned after
-    the build). An explicit type is built as asked, with the same derived
-    parameters unless `params` sets them."""
+    `index_type=auto`: none up to `exact_max_rows` (exact search over so few
+    vectors is fast and perfect); else IVF with about `rows_per_partition`
+    rows per partition, and 8-bit scalar quantisation (IVF_SQ: one byte per
+    dimension, no codebook to train, and distances close enough that a small
+    refine on the raw vectors restores the exact top k) while its codes stay
+    under `max_sq_gb`; beyond that, product quantisation (IVF_PQ, `dim /
+    dims_per_sub_vector` bytes per vector) whose coarser distances need more
+    refine. The search knobs are tuned after the build. An explicit type is
+    built as asked, with the same derived parameters unless `params` sets them."""
     kind = index_type.upper()
     if kind == "NONE" or (kind == "AUTO" and num_rows <= exact_max_rows):
         why = ("index.type=none" if kind == "NONE"
                else f"{num_rows} rows <= index.exact_max_rows={exact_max_rows}: exact search is fast and exact")
         return IndexPlan(None, {}, why)
     if kind == "AUTO":
-        kind = "IVF_PQ"
-        why = f"{num_rows} rows x {dim} dims: IVF_PQ, knobs tuned by measured recall"
+        sq_gb = num_rows * dim / 2**30
+        kind = "IVF_SQ" if sq_gb <= max_sq_gb else "IVF_PQ"
+        why = (f"{num_rows} rows x {dim} dims: {kind} ({'8-bit codes' if kind == 'IVF_SQ' else 'SQ codes would be'} "
+               f"{sq_gb:.1f} GB{'' if kind == 'IVF_SQ' else f' > index.max_sq_gb={max_sq_gb}'}), knobs tuned by measured recall")
     else:
         why = f"index.type={kind}"
     chosen: dict[str, Any] = {}

@@ -47,9 +47,10 @@ class IndexSettings:
     type: str = "auto"
     metric: str = "cosine"
     params: dict[str, Any] = field(default_factory=dict)
-    exact_max_rows: int = 20000
-    rows_per_partition: int = 1000
+    exact_max_rows: int = 10000
+    rows_per_partition: int = 4096
     dims_per_sub_vector: int = 8
+    max_sq_gb: float = 16.0
     fallback: list[str] = field(default_factory=list)
     target_recall: float = 0.95
     recall_margin: float = 0.02
@@ -146,7 +147,7 @@ def index_vectors(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lanc
         return ds, {"status": "skipped", "reason": f"no row has a value in {column!r}"}
     plan = ann.plan_index(rows, dim, index_type=settings.type, params=settings.params,
                           exact_max_rows=settings.exact_max_rows, rows_per_partition=settings.rows_per_partition,
-                          dims_per_sub_vector=settings.dims_per_sub_vector)
+                          dims_per_sub_vector=settings.dims_per_sub_vector, max_sq_gb=settings.max_sq_gb)
     existing = ann.vector_index(ds, column)
     report: dict[str, Any] = {"column": column, "rows": rows, "dim": dim, "metric": settings.metric,
                               "reason": plan.reason}

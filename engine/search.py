@@ -178,7 +178,8 @@ class Searcher:
         )
         self._model_revision = None if model else meta.get("embedding_model_revision")
         self._counts: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # the caches
+        self._model_lock = threading.RLock()  # one model load / query through the model at a time
         self._rowids: OrderedDict[str, int] = OrderedDict()
 
     # ------------------------------------------------------------- queries
@@ -298,7 +299,7 @@ class Searcher:
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Query vectors for `texts` (the table's model, text tower)."""
         stage = self._embedder("a text search")
-        with self._lock:
+        with self._model_lock:
             return np.asarray(stage.embed_text(list(texts)), dtype=np.float32)
 
     def embed_image(self, image: str | os.PathLike[str] | np.ndarray | Any) -> np.ndarray:
@@ -332,7 +333,7 @@ class Searcher:
         error = analysed.column("error")[0].as_py()
         if error:
             raise SearchError(f"cannot take frames from query video {path}: {error}")
-        with self._lock:
+        with self._model_lock:
             out = stage(analysed)
         return self._vector_from_stage(out)
 
@@ -343,8 +344,9 @@ class Searcher:
         if caps.model is None:
             raise CapabilityError(f"{purpose} needs the embedding model, but the table's metadata names none "
                                   "(embedding_model): pass model=PATH to engine.search.open, or search by vector")
-        return _load_embed_stage(caps.model_name or "clip", caps.model, self._model_revision, self.device,
-                                 _freeze(self._frame_spec()))
+        with self._model_lock:
+                return _load_embed_stage(caps.model_name or "clip", caps.model, self._model_revision, self.device,
+                                     _freeze(self._frame_spec()))
 
     def _frame_spec(self) -> dict[str, Any]:
         """The frames the embed stage saw for each clip: from the run's
@@ -359,7 +361,7 @@ class Searcher:
         fields = frame_fields("embed")
         batch = pa.table({fields[0].name: pa.array([blobs], fields[0].type), fields[1].name: pa.array([idx], fields[1].type),
                           fields[2].name: pa.array([hw], fields[2].type), "error": pa.array([None], pa.string())})
-        with self._lock:
+        with self._model_lock:
             out = stage(batch)
         return self._vector_from_stage(out)
 
