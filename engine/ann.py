@@ -110,6 +110,7 @@ class TunedSearch:
     filtered: Measured
     # Matching rows at or below which a filtered query is answered exactly.
     exact_max_rows: int = 0
+    id_column: str = "clip_id"
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -146,8 +147,9 @@ class TunedSearch:
         return knobs
 
 
-def read_tuned(ds: lance.LanceDataset, column: str) -> TunedSearch | None:
-    """The stored settings, if they were measured on the index `column` has now."""
+def read_tuned(ds: lance.LanceDataset, column: str | None = None) -> TunedSearch | None:
+    """The stored settings (for `column`, or whichever column they were
+    measured on), if the index they were measured on is still there."""
     text = (ds.metadata or {}).get(METADATA_KEY)
     if not text:
         return None
@@ -155,9 +157,11 @@ def read_tuned(ds: lance.LanceDataset, column: str) -> TunedSearch | None:
         tuned = TunedSearch.from_json(text)
     except (ValueError, KeyError, TypeError):
         return None
-    current = vector_index(ds, column)
-    if tuned.column != column:
+    if column is not None and tuned.column != column:
         return None
+    if tuned.column not in ds.schema.names:
+        return None
+    current = vector_index(ds, tuned.column)
     if current is None:
         return tuned if tuned.index_name is None else None
     if (current["name"], current["type"]) != (tuned.index_name, tuned.index_type):
@@ -340,17 +344,28 @@ def exact_kth(ds: lance.LanceDataset, column: str, queries: np.ndarray, query_id
 
 # -------------------------------------------------------------- measuring
 def sample_queries(ds: lance.LanceDataset, column: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(row ids, vectors) of up to `n` random rows that have a vector."""
-    ids = ds.to_table(columns=[], with_row_id=True, filter=f"{quote_ident(column)} IS NOT NULL").column("_rowid")
-    ids = ids.to_numpy()
+    """(row ids, vectors) of up to `n` random rows that have a vector.
+
+    Row ids cost nothing to list; the vectors of a random oversample are
+    taken and rows without one dropped, so the vector column is not scanned."""
+    ids = ds.to_table(columns=[], with_row_id=True).column("_rowid").to_numpy()
     rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(ids), size=min(n, len(ids)), replace=False)) if len(ids) else np.array([], int)
-    chosen = ids[pick]
-    if not len(chosen):
-        return chosen, np.zeros((0, 0), np.float32)
-    table = ds._take_rows(chosen.tolist(), columns=[column])
-    _, x = vectors_of(table.column(column))
-    return chosen, x
+    order = rng.permutation(len(ids))
+    chosen: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
+    have, start, step = 0, 0, max(n, 1)
+    while have < n and start < len(ids):
+        pick = ids[np.sort(order[start:start + step])]
+        start += step
+        valid, x = vectors_of(ds._take_rows(pick.tolist(), columns=[column]).column(column))
+        finite = np.isfinite(x).all(axis=1) & (np.abs(x).sum(axis=1) > 0)
+        chosen.append(pick[valid][finite])
+        vectors.append(x[finite])
+        have += int(finite.sum())
+        step *= 2
+    if not have:
+        return np.array([], np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate(chosen)[:n], np.concatenate(vectors)[:n]
 
 
 def quote_ident(name: str) -> str:
@@ -412,13 +427,12 @@ def tune_knobs(ds: lance.LanceDataset, column: str, queries: np.ndarray, query_i
     """Knob pairs that reach `target`, for `choose_fastest` to time; if none
     does, the best one measured (recall below target).
 
-    Recall grows with both knobs. nprobes bounds which true neighbours are
-    candidates at all; the second knob (refine or ef) how well the
-    candidates are ranked. So: (1) the fewest probes that reach the target
-    with the second knob at its most exact, by bisection; (2) at that
-    nprobes, the least second knob that still does; (3) a few more probes,
-    each with the least second knob that then suffices (more probes can need
-    less refine)."""
+    Recall grows with both knobs: nprobes bounds which true neighbours are
+    candidates at all, the second knob (refine or ef) how well the
+    candidates are ranked. The walk starts at the cheapest pair and raises
+    whichever knob is limiting, so expensive settings are measured only when
+    the data needs them; then one or two more probes are tried with less of
+    the second knob, for `choose_fastest` to time."""
     first, second, name = knob_ladders(index_type, num_partitions)
     cache: dict[tuple[int | None, int | None], Measured] = {}
 
@@ -435,32 +449,33 @@ def tune_knobs(ds: lance.LanceDataset, column: str, queries: np.ndarray, query_i
                            + (f" ({where})" if where else ""))
         return cache[key]
 
-    def least(values: list[Any], ok: Any) -> int | None:
-        """Index of the first value for which ok() holds (ok is monotone), by bisection."""
-        lo, hi = 0, len(values) - 1
-        if not ok(values[hi]):
-            return None
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if ok(values[mid]):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    most = second[-1]
-    i = least(first, lambda p: measure(p, most).recall >= target)
-    if i is None:
+    # Walk up the nprobes ladder; at each step raise the second knob until
+    # the target holds, or until doubling it stops helping (the missing
+    # neighbours are not among the candidates: more partitions are needed).
+    j = 0
+    found: tuple[int, int] | None = None
+    for i, nprobes in enumerate(first):
+        m = measure(nprobes, second[j])
+        while m.recall < target and j + 1 < len(second):
+            nxt = measure(nprobes, second[j + 1])
+            saturated = nxt.recall - m.recall < 0.005 and i + 1 < len(first)
+            if saturated:
+                break
+            j, m = j + 1, nxt
+        if m.recall >= target:
+            found = (i, j)
+            break
+    if found is None:
         return [max(cache.values(), key=lambda m: m.recall)]
-    j = least(second, lambda o: measure(first[i], o).recall >= target)
-    assert j is not None
+    i, j = found
     hits = [measure(first[i], second[j])]
+    # More probes may need less of the second knob: try one or two.
     for nprobes in first[i + 1: i + 3]:
         if j == 0:
             break
-        j2 = least(second[: j + 1], lambda o: measure(nprobes, o).recall >= target)
-        if j2 is not None and j2 < j:
-            j = j2
+        while j > 0 and measure(nprobes, second[j - 1]).recall >= target:
+            j -= 1
+        if measure(nprobes, second[j]).recall >= target:
             hits.append(measure(nprobes, second[j]))
     return hits
 

@@ -57,6 +57,7 @@ class IndexSettings:
     k: int = 10
     tune_queries: int = 200
     retrain_below: float = 0.6
+    rebuild: bool = False
     fts: list[str] = field(default_factory=list)
     fts_params: dict[str, Any] = field(default_factory=dict)
     scalar: dict[str, str] = field(default_factory=dict)
@@ -112,28 +113,31 @@ def _tune(ds: lance.LanceDataset, settings: IndexSettings, index_type: str | Non
     if index_type is None:
         exact = ann.Measured(ann.EXACT, 1.0)
         return ann.TunedSearch(column, metric, None, None, None, None, 0, k, settings.target_recall, 0, exact, exact,
-                               exact_max_rows=settings.exact_max_rows, notes=notes)
+                               exact_max_rows=settings.exact_max_rows, id_column=settings.id_column, notes=notes)
     index = ann.vector_index(ds, column)
     stats = ann.index_stats(ds, index["name"])
     parts = ann.partitions_of(stats)
     started = time.perf_counter()
     query_ids, queries = ann.sample_queries(ds, column, settings.tune_queries)
     kth, kth_filtered = ann.exact_kth(ds, column, queries, query_ids, k, metric)
+    notes.append(f"exact top {k} of {len(queries)} sampled rows: {time.perf_counter() - started:.1f}s")
     steps: list[str] = []
     results = {}
     for name, where, kth_ in (("unfiltered", None, kth), ("filtered", ann.TUNE_FILTER, kth_filtered)):
+        phase = time.perf_counter()
         # The margin covers the sampling error of a few hundred queries.
         target = min(1.0, settings.target_recall + settings.recall_margin)
         candidates = ann.tune_knobs(ds, column, queries, query_ids, kth_, k=k, target=target,
                                     index_type=index_type, num_partitions=parts, metric=metric, where=where,
                                     log=steps)
         results[name] = ann.choose_fastest(ds, column, queries, candidates, k=k, metric=metric, where=where)
+        steps.append(f"{name}: {len(candidates)} candidate(s), {time.perf_counter() - phase:.1f}s")
     notes.append(f"tuned on {len(queries)} sampled rows in {time.perf_counter() - started:.1f}s")
     notes.extend(steps)
     return ann.TunedSearch(column, metric, index["name"], index["uuid"], index_type, parts,
                            int(stats.get("num_indexed_rows", 0)), k, settings.target_recall, len(queries),
                            results["unfiltered"], results["filtered"], exact_max_rows=settings.exact_max_rows,
-                           notes=notes)
+                           id_column=settings.id_column, notes=notes)
 
 
 def index_vectors(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lance.LanceDataset, dict[str, Any]]:
@@ -142,8 +146,10 @@ def index_vectors(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lanc
     if column not in ds.schema.names:
         return ds, {"status": "skipped", "reason": f"the table has no {column!r} column (embed=none?)"}
     dim = _vector_dim(ds, column)
-    rows = ds.count_rows(f"{ann.quote_ident(column)} IS NOT NULL")
-    if rows == 0:
+    # All rows, not those with a vector: counting nulls would read the whole
+    # vector column, and the plan needs only the order of magnitude.
+    rows = ds.count_rows()
+    if rows == 0 or not len(ann.sample_queries(ds, column, 1)[0]):
         return ds, {"status": "skipped", "reason": f"no row has a value in {column!r}"}
     plan = ann.plan_index(rows, dim, index_type=settings.type, params=settings.params,
                           exact_max_rows=settings.exact_max_rows, rows_per_partition=settings.rows_per_partition,
@@ -154,44 +160,51 @@ def index_vectors(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lanc
     notes: list[str] = [plan.reason]
     build_s = 0.0
     index_type = plan.index_type
+    built: ann.IndexPlan | None = None  # what this run built, if anything
     if existing is not None:
         existing_type = existing["type"]
         stats = ann.index_stats(ds, existing["name"])
         cov = ann.coverage(stats)
         report["coverage_before"] = round(cov, 4)
         same_kind = plan.index_type is None and settings.type.lower() == "auto" or plan.index_type == existing_type
-        if settings.type.lower() == "none":
+        if settings.rebuild and plan.index_type is not None:
+            build_s, built = _create_vector_index(ds, settings, plan), plan
+            action = "rebuilt (index.rebuild=true)"
+        elif settings.type.lower() == "none":
             ds.drop_index(existing["name"])
             ds = lance.dataset(ds.uri, storage_options=_options(ds))
             action, index_type = "dropped", None
         elif not same_kind:
-            build_s = _create_vector_index(ds, settings, plan)
+            build_s, built = _create_vector_index(ds, settings, plan), plan
             action = f"rebuilt ({existing_type} -> {plan.index_type})"
         elif cov >= 1.0:
             action, index_type = "up to date", existing_type
         elif cov < settings.retrain_below:
             # Partitions learnt on a small part of the data fit the rest badly.
-            retrain = plan if plan.index_type else ann.plan_index(
+            built = plan if plan.index_type else ann.plan_index(
                 rows, dim, index_type=existing_type, params=settings.params, exact_max_rows=0,
                 rows_per_partition=settings.rows_per_partition, dims_per_sub_vector=settings.dims_per_sub_vector)
-            build_s = _create_vector_index(ds, settings, retrain)
-            action, index_type = f"retrained (covered {cov:.0%} < index.retrain_below={settings.retrain_below:.0%})", retrain.index_type
+            build_s = _create_vector_index(ds, settings, built)
+            action = f"retrained (covered {cov:.0%} < index.retrain_below={settings.retrain_below:.0%})"
+            index_type = built.index_type
         else:
             started = time.perf_counter()
             ds.optimize.optimize_indices(index_names=[existing["name"]])
             build_s = time.perf_counter() - started
             action, index_type = f"extended (covered {cov:.0%})", existing_type
     elif plan.index_type is not None:
-        build_s = _create_vector_index(ds, settings, plan)
+        build_s, built = _create_vector_index(ds, settings, plan), plan
         action = "built"
     else:
         action = "none (exact search)"
     ds = lance.dataset(ds.uri, storage_options=_options(ds))
-    report.update({"action": action, "index_type": index_type, "params": plan.params if action in ("built",) or
-                   action.startswith(("rebuilt", "retrained")) else None, "build_s": round(build_s, 2)})
+    report.update({"action": action, "index_type": index_type,
+                   "params": built.params if built else None,
+                   "build_s": round(build_s, 2)})
 
     previous = ann.read_tuned(ds, column)
-    if action == "up to date" and previous is not None and previous.target_recall == settings.target_recall:
+    if (action == "up to date" and previous is not None and previous.target_recall == settings.target_recall
+            and previous.id_column == settings.id_column):
         tuned = previous
     else:
         tuned = _tune(ds, settings, index_type, notes)

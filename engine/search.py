@@ -46,6 +46,7 @@ from typing import Any, Literal
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine import ann
 from engine.outputs import OutputLayout
@@ -154,8 +155,8 @@ class Searcher:
         self.layout = layout
         self.device = device
         names = set(dataset.schema.names)
-        stored = ann.read_tuned(dataset, vector_column or "embedding") if "embedding" in names or vector_column else None
-        self.id_column = id_column or "clip_id"
+        stored = ann.read_tuned(dataset, vector_column)
+        self.id_column = id_column or (stored.id_column if stored else "clip_id")
         if self.id_column not in names:
             raise SearchError(f"the table has no id column {self.id_column!r}; its columns: {sorted(names)}")
         column = vector_column or (stored.column if stored else "embedding")
@@ -215,7 +216,7 @@ class Searcher:
         if clip_id is not None:
             q = self.vector_of(clip_id)
             found = self._vector_search(q, where=where, k=k + 1, extra=extra)
-            found = found.filter(pa.compute.not_equal(found.column("clip_id"), str(clip_id)))
+            found = found.filter(pc.not_equal(found.column("clip_id"), str(clip_id)))
             return found.slice(0, k)
         if image is not None:
             q = self.embed_image(image)
@@ -426,12 +427,12 @@ class Searcher:
         return pa.Table.from_arrays(columns, schema=pa.schema(schema_fields))
 
     def _vector_search(self, q: np.ndarray, *, where: str | None, k: int, extra: list[str]) -> pa.Table:
-        column = self._require_vectors("a vector search")
+        self._require_vectors("a vector search")
         table = self._vector_candidates(q, where=where, k=k, extra=extra)
         distance = table.column("_distance")
+        # Lance's cosine and dot distances are 1 - similarity; l2 has no similarity, so its score is -distance.
         metric = self.tuned.metric if self.tuned else "cosine"
-        score = pa.compute.subtract(1.0, distance) if metric in ("cosine", "dot") else pa.compute.negate(distance)
-        del column
+        score = pc.subtract(1.0, distance) if metric in ("cosine", "dot") else pc.negate(distance)
         return self._result(table, score, extra)
 
     def _vector_candidates(self, q: np.ndarray, *, where: str | None, k: int, extra: list[str]) -> pa.Table:

@@ -188,8 +188,10 @@ def run_ours(source: Path, workdir: Path, queries: np.ndarray, truth: tuple[list
         return searcher.search(vector=q, k=K, where=FILTER).column("clip_id").to_pylist()
 
     vec = report["vector"]
-    return {"build_s": build_s, "vector_build_s": vec.get("build_s"), "index": vec.get("index_type"),
-            "params": vec.get("params"), "knobs": vec.get("search"),
+    return {"build_s": build_s, "vector_build_s": vec.get("build_s"), "scalar_build_s": report["columns"]["wall_s"],
+            "tuning": [n for n in vec.get("tuning", []) if n.startswith(("exact top", "tuned on", "unfiltered:",
+                                                                          "filtered:"))],
+            "index": vec.get("index_type"), "params": vec.get("params"), "knobs": vec.get("search"),
             "unfiltered": measure(unfiltered, queries, truth[0]), "filtered": measure(filtered, queries, truth[1])}
 
 

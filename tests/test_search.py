@@ -229,16 +229,21 @@ def test_small_tables_are_searched_exactly(tmp_path):
 def test_tables_from_other_tools_need_only_ids_and_vectors(tmp_path):
     rng = np.random.default_rng(5)
     x = unit(rng.standard_normal((3000, 16)).astype(np.float32))
-    lance.write_dataset(pa.table({"clip_id": [f"v{i}" for i in range(3000)],
-                                  "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}),
+    lance.write_dataset(pa.table({"id": [f"v{i}" for i in range(3000)],
+                                  "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}),
                         tmp_path / "clips.lance")
     summary = run_index(config("task=index", f"output={tmp_path}", "index.exact_max_rows=100",
-                               "index.rows_per_partition=100"))
+                               "index.rows_per_partition=100", "index.column=vector", "index.id_column=id"))
     assert summary["vector"]["index_type"] == "IVF_SQ"
     assert summary["columns"]["skipped"] == {"caption": "no such column", "caption_enhanced": "no such column"}
-    res = engine.search.open(tmp_path / "clips.lance").search(vector=x[9], k=3)
+    assert summary["columns"]["scalar"] == ["id"]
+    # The searcher finds the columns the index task recorded; results name the id clip_id.
+    searcher = engine.search.open(tmp_path / "clips.lance")
+    assert searcher.capabilities.vector_column == "vector" and searcher.id_column == "id"
+    res = searcher.search(vector=x[9], k=3)
     assert res.column("clip_id")[0].as_py() == "v9"
     assert res.column("source_uri").null_count == 3 and res.column("caption").null_count == 3
+    assert searcher.search(clip_id="v9", k=1).column("clip_id")[0].as_py() != "v9"
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +365,12 @@ def test_task_search_prints_a_table_or_json_lines(text_table):
     assert [r["clip_id"] for r in parsed] == expected and set(parsed[0]) >= {"score", "caption", "end_s"}
     bad = _engine("task=search", f"output={out}", "query=a red car", 'where="nope >"')
     assert bad.returncode == 2 and "invalid where filter" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_full_experiment_indexes_after_curating():
+    cfg = config("+experiment=full", "input=x", "output=y")
+    assert list(cfg.task.steps) == ["curate", "index"]
+    assert config("task=index", "output=y").task.steps == ["index"]
 
 
 # ----------------------------------------------- a real curate run (tiny CLIP)
