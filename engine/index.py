@@ -172,7 +172,7 @@ def index_vectors(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lanc
             action = "rebuilt (index.rebuild=true)"
         elif settings.type.lower() == "none":
             ds.drop_index(existing["name"])
-            ds = lance.dataset(ds.uri, storage_options=_options(ds))
+            ds = _latest(ds)
             action, index_type = "dropped", None
         elif not same_kind:
             build_s, built = _create_vector_index(ds, settings, plan), plan
@@ -197,7 +197,7 @@ def index_vectors(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lanc
         action = "built"
     else:
         action = "none (exact search)"
-    ds = lance.dataset(ds.uri, storage_options=_options(ds))
+    ds = _latest(ds)
     report.update({"action": action, "index_type": index_type,
                    "params": built.params if built else None,
                    "build_s": round(build_s, 2)})
@@ -219,13 +219,13 @@ def index_vectors(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lanc
             notes.append(f"{index_type} reached recall {tuned.unfiltered.recall:.3f} < {settings.target_recall}: "
                          f"falling back to {nxt}")
             build_s += _create_vector_index(ds, settings, fallback)
-            ds = lance.dataset(ds.uri, storage_options=_options(ds))
+            ds = _latest(ds)
             index_type = nxt
             report.update({"action": f"{action}, fell back to {nxt}", "index_type": nxt, "params": fallback.params,
                            "build_s": round(build_s, 2)})
             tuned = _tune(ds, settings, index_type, notes)
         ds.update_metadata({ann.METADATA_KEY: tuned.to_json()})
-        ds = lance.dataset(ds.uri, storage_options=_options(ds))
+        ds = _latest(ds)
     index = ann.vector_index(ds, column)
     if index is not None:
         report["coverage"] = round(ann.coverage(ann.index_stats(ds, index["name"])), 4)
@@ -282,7 +282,7 @@ def index_columns(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lanc
             current.append(column)
     if extended:
         ds.optimize.optimize_indices(index_names=extended)
-    ds = lance.dataset(ds.uri, storage_options=_options(ds))
+    ds = _latest(ds)
     return ds, {
         "fts": sorted(c for c, (kind, _) in wanted.items() if kind == "INVERTED"),
         "scalar": sorted(c for c, (kind, _) in wanted.items() if kind != "INVERTED"),
@@ -291,8 +291,9 @@ def index_columns(ds: lance.LanceDataset, settings: IndexSettings) -> tuple[lanc
     }
 
 
-def _options(ds: lance.LanceDataset) -> dict[str, str] | None:
-    return getattr(ds, "_storage_options", None)
+def _latest(ds: lance.LanceDataset) -> lance.LanceDataset:
+    """The dataset at its newest version (after an index commit), same storage options."""
+    return ds.checkout_version(ds.latest_version)
 
 
 def build_indexes(ds: lance.LanceDataset, settings: IndexSettings) -> dict[str, Any]:
