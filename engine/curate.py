@@ -76,27 +76,31 @@ def _require_file(path: str | None, what: str) -> str:
 
 
 def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
-    """Transcode, then (when enabled) one decode of each clip for motion and
-    frames, then the model stages that consume those frames.
+    """Transcode (with the motion scores), then (when a model stage needs
+    frames) one decode of each clip for them, then the model stages.
 
     Models are resolved here, on the driver, before any video is decoded: a
-    missing path fails the run at once, and a hub id downloads once."""
-    from udfs.models.loading import resolve_model, resolve_stage_models
-
+    missing path fails the run at once, and a hub id downloads once. (Model
+    loading imports torch, ~2 s: only runs with a model stage pay for it.)"""
     preview = node_dict(cfg, "preview")
-    steps = [
-        # Transcode works per video; the stages after it see clips.
-        StageStep.from_node("transcode", "udfs.media.transcode:ClipTranscoder", cfg.transcode,
-                            params={"preview": preview, "storage_options": outputs.storage_options(cfg)},
-                            max_parallel=num_videos),
-    ]
     motion, aesthetic, embed, caption = (node_dict(cfg, k) for k in ("motion", "aesthetic", "embed", "caption"))
+    motion_on = motion.get("mode", "disable") != "disable"
+    steps = [
+        # Transcode works per video; the stages after it see clips. It scores
+        # motion from the clips' own packets (no second decode of each clip).
+        StageStep.from_node("transcode", "udfs.media.transcode:ClipTranscoder", cfg.transcode,
+                            params={"preview": preview, "motion": motion if motion_on else None,
+                                    "storage_options": outputs.storage_options(cfg)},
+                            extra_fields=CLIP_MOTION_FIELDS if motion_on else [], max_parallel=num_videos),
+    ]
     frames = node_dict(cfg, "frames")
     consumers_cfg = dict(frames.get("consumers") or {})
     consumers: dict[str, Any] = {}
     model_steps: list[StageStep] = []
 
     if aesthetic.get("enabled"):
+        from udfs.models.loading import resolve_model
+
         params = stage_params(aesthetic)
         params["model"] = resolve_model(str(params["model"]), revision=params.get("revision"))
         # Absolute: actors may not share the driver's working directory.
@@ -109,6 +113,8 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
 
         if embed["name"] not in EMBED_STAGES:
             raise ValueError(f"unknown embed={embed['name']!r}; choose one of {['none', *EMBED_STAGES]}")
+        from udfs.models.loading import resolve_stage_models
+
         params = resolve_stage_models(stage_params(embed))
         params["name"] = embed["name"]
         consumers["embed"] = embed.get("frames")
@@ -120,21 +126,21 @@ def plan_clip_stages(cfg: DictConfig, num_videos: int) -> list[StageStep]:
 
         if caption["name"] not in CAPTION_STAGES:
             raise ValueError(f"unknown caption={caption['name']!r}; choose one of {['none', *CAPTION_STAGES]}")
+        from udfs.models.loading import resolve_stage_models
+
         params = resolve_stage_models(stage_params(caption))
         consumers["caption"] = caption.get("frames")
         model_steps.append(StageStep.from_node("caption", CAPTION_STAGES[caption["name"]], caption, params=params,
                                                extra_fields=CLIP_CAPTION_FIELDS))
 
-    motion_on = motion.get("mode", "disable") != "disable"
-    if motion_on or consumers:
+    if consumers:
         missing = [name for name, spec in consumers.items() if not spec]
         if missing:
             raise ValueError(f"no frame spec for consumer(s) {missing}: set frames.consumers.aesthetic, "
                              "embed.frames or caption.frames")
         analysis = StageStep.from_node(
             "clip_analysis", "udfs.analysis.clip_analysis:ClipAnalysis", cfg.frames,
-            params={"consumers": consumers, "motion": motion},
-            extra_fields=CLIP_MOTION_FIELDS if motion_on else [],
+            params={"consumers": consumers, "motion": None},
         )
         steps.append(analysis)
     return steps + model_steps

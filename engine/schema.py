@@ -187,3 +187,47 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             columns.append(pa.nulls(table.num_rows, field.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+# ------------------------------------------------------------------- dedup
+# Added by task=dedup to the clip table (or to any Lance table it runs on), in
+# one new version; the media columns are not rewritten. Null for rows dedup
+# did not consider (outside `dedup.where`, or a null / NaN / wrong-length
+# vector). The training view is `passed AND error IS NULL AND duplicate IS NOT TRUE`.
+CLIP_DEDUP_FIELDS: list[pa.Field] = [
+    # k-means cluster (row of OUT/dedup/centroids.npy).
+    pa.field("dedup_cluster", pa.int32()),
+    # Cosine distance to the cluster's (normalised) centroid: what keep=hard|easy ranks by.
+    pa.field("dedup_centroid_dist", pa.float32()),
+    # Highest cosine similarity to a higher-ranked member of the same cluster,
+    # and that member's id; null for the top-ranked member.
+    pa.field("dedup_max_sim", pa.float32()),
+    pa.field("dedup_max_id", pa.string()),
+    # dedup_max_sim >= 1 - dedup.eps: drop it, its twin dedup_max_id is kept.
+    pa.field("duplicate", pa.bool_()),
+]
+
+# Transient rows between the dedup stages (never written to a table). Rows
+# are addressed by Lance's `_rowaddr` (where results are written back) and
+# `_rowid` (how vectors are fetched again); vectors do not travel.
+DEDUP_ROW_FIELDS: list[pa.Field] = [
+    pa.field("_rowaddr", pa.uint64()),
+    pa.field("_rowid", pa.uint64()),
+    pa.field("id", pa.string()),
+]
+# After nearest-centroid assignment: cluster -1 and `skip` set for a row
+# whose vector cannot take part.
+DEDUP_ASSIGN_SCHEMA = pa.schema([
+    *DEDUP_ROW_FIELDS,
+    pa.field("cluster", pa.int32()),
+    pa.field("centroid_dist", pa.float32()),
+    pa.field("skip", pa.string()),
+])
+# After the pairwise pass over one cluster.
+DEDUP_PAIRWISE_SCHEMA = pa.schema([
+    *DEDUP_ROW_FIELDS,
+    pa.field("cluster", pa.int32()),
+    pa.field("centroid_dist", pa.float32()),
+    pa.field("max_sim", pa.float32()),
+    pa.field("max_id", pa.string()),
+])

@@ -85,7 +85,7 @@ class StageStep:
         )
 
 
-def _pool(step: StageStep, cpus: float, gpus: float) -> ActorPoolStrategy:
+def actor_pool(step: StageStep, cpus: float, gpus: float) -> ActorPoolStrategy:
     if step.concurrency:
         return ActorPoolStrategy(size=int(step.concurrency))
     if step.num_gpus > 0:
@@ -144,7 +144,7 @@ def apply_stage(ds: ray.data.Dataset, step: StageStep, clock_name: str, cpus: fl
         compute = TaskPoolStrategy(size=int(step.concurrency)) if step.concurrency else None
         return ds.map_batches(_call_stage, fn_kwargs={"stage": stage, "params": step.params}, compute=compute,
                               **common)
-    return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=_pool(step, cpus, gpus), **common)
+    return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=actor_pool(step, cpus, gpus), **common)
 
 
 def blocks(table: pa.Table, max_blocks: int) -> list[pa.Table]:

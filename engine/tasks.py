@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TASKS: dict[str, str] = {
     "curate": "engine.curate",
     "export": "engine.export",
+    "dedup": "engine.dedup",
     "index": "engine.index",
     "search": "engine.search",
     "serve": "engine.serve",

@@ -64,6 +64,70 @@ def good_videos(video_dir) -> dict[str, Path]:
     return {name: video_dir / name for name in VIDEO_SPECS}
 
 
+# Barcode videos of a small curate run for the loader and export tests:
+# 2 s clips (48, 50 and 60 frames) of three shapes.
+TRAINING_SPECS = {
+    "wide_24fps_8s.mp4": dict(width=160, height=120, fps=24, seconds=8),
+    "hd_25fps_6s.mp4": dict(width=192, height=108, fps=25, seconds=6),
+    "tall_30fps_4s.mp4": dict(width=120, height=160, fps=30, seconds=4),
+}
+TRAINING_EMBED_DIM = 8
+
+
+@pytest.fixture(scope="session")
+def training_output(ray_session, tmp_path_factory) -> Path:
+    """An output folder as a full curate run leaves it, for training-data
+    tests: 9 clips from one real curate run (fixed stride, 2 s), then the
+    columns later stages add, written into the table the way they write
+    them: captions with two caption windows per clip, an 8-d embedding, the
+    dedup task's `duplicate` flag (one clip), and one clip filtered out
+    (passed=false). 7 clips are in the curated view."""
+    import json
+
+    import lance
+    import numpy as np
+    import pyarrow as pa
+    from hydra import compose, initialize_config_dir
+
+    from engine.cli import CONFIG_DIR
+    from engine.curate import run
+    from engine.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields
+
+    root = tmp_path_factory.mktemp("training")
+    videos = [write_video(root / "in" / name, **spec) for name, spec in TRAINING_SPECS.items()]
+    out = root / "out"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"input=[{','.join(str(v) for v in videos)}]", f"output={out}", "transcode.preset=ultrafast",
+            "motion.mode=disable", "split.clip_len_s=2", "split.min_clip_s=1", "ray.progress=false",
+            "export.format=parquet"])
+    summary = run(cfg)
+    (root / "curate_summary.json").write_text(json.dumps(summary, default=str))
+    clips = lance.dataset(str(out / "clips.lance"))
+    rows = clips.to_table(columns=["clip_id", "num_frames"]).sort_by("clip_id").to_pylist()
+    rng = np.random.default_rng(0)
+    windows = [[{"start_frame": 0, "end_frame": r["num_frames"] // 2, "caption": f"first half of {r['clip_id']}",
+                 "caption_enhanced": f"the rich first half of {r['clip_id']}"},
+                {"start_frame": r["num_frames"] // 2, "end_frame": r["num_frames"],
+                 "caption": f"second half of {r['clip_id']}", "caption_enhanced": None}] for r in rows]
+    added = pa.table({
+        "clip_id": [r["clip_id"] for r in rows],
+        "caption": [f"caption of {r['clip_id']}" for r in rows],
+        "caption_enhanced": [f"enhanced caption of {r['clip_id']}" for r in rows],
+        "caption_windows": windows,
+        "embedding": list(rng.standard_normal((len(rows), TRAINING_EMBED_DIM)).astype(np.float32)),
+        "duplicate": [i == 1 for i in range(len(rows))],
+    }, schema=pa.schema([pa.field("clip_id", pa.string()), *CLIP_CAPTION_FIELDS,
+                         *clip_embedding_fields(TRAINING_EMBED_DIM), pa.field("duplicate", pa.bool_())]))
+    clips.merge(added, left_on="clip_id")
+    clips = lance.dataset(str(out / "clips.lance"))
+    clips.update({"passed": "false", "filter_reason": "'motion'"}, where=f"clip_id = '{rows[2]['clip_id']}'")
+    clips = lance.dataset(str(out / "clips.lance"))
+    clips.update_schema_metadata({"embedding_name": "cosmos_embed1", "embedding_model": "test",
+                                  "embedding_dim": str(TRAINING_EMBED_DIM)})
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
     """A random CLIP (scripts/random_models.build_clip) saved to disk: 24-d embeddings."""

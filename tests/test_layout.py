@@ -47,7 +47,7 @@ def imports_of(module: str) -> set[str]:
 
 def test_every_package_has_its_families():
     assert {m for m in modules("udfs") if m.count(".") == 1} == {
-        "udfs.analysis", "udfs.media", "udfs.models", "udfs.split"}
+        "udfs.analysis", "udfs.dedup", "udfs.media", "udfs.models", "udfs.split"}
 
 
 @pytest.mark.parametrize("module", modules("udfs"))

@@ -74,8 +74,9 @@ def test_bad_inputs_are_recorded_and_counted(first_run):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["clips"] == summary["clips"]
     assert on_disk["hours_out"] == pytest.approx((20 + 3 + 10 + 2 + 150 / (30000 / 1001) + 3) / 3600)
-    # motion.mode defaults to score-only: one analysis decode per clip, nothing filtered.
-    assert set(on_disk["stages"]) == {"probe", "split_fixed_stride", "transcode", "clip_analysis", "write"}
+    # motion.mode defaults to score-only: the transcode stage scores every clip
+    # from its own packets (no clip_analysis decode), nothing filtered.
+    assert set(on_disk["stages"]) == {"probe", "split_fixed_stride", "transcode", "write"}
     assert on_disk["clips_passed"] == summary["clips"]
     assert on_disk["stages"]["transcode"]["rows_out"] == summary["clips"]
 

@@ -128,3 +128,130 @@ def test_nvenc_clips_are_exact(good_videos):
     clips = transcode(plan([str(good_videos["hd_30fps_23s.mp4"])]), encoder="h264_nvenc", preset="medium")
     for clip in clips:
         assert_exact_clip(clip)
+
+
+# ------------------------------------------------- one encoder per video, threads
+def test_plan_chains_puts_only_overlapping_spans_on_another_encoder():
+    from udfs.media.transcode import plan_chains
+
+    assert plan_chains([(0, 300), (300, 600), (600, 690)]) == [[0, 1, 2]]
+    assert plan_chains([(0, 100), (150, 250), (400, 500)]) == [[0, 1, 2]]  # gaps: still one encoder
+    assert plan_chains([(0, 30), (8, 38), (15, 45), (30, 60)]) == [[0, 2], [1, 3]] or \
+        plan_chains([(0, 30), (8, 38), (15, 45), (30, 60)]) == [[0, 3], [1], [2]]
+
+
+def _x264_settings(mp4: bytes) -> str | None:
+    """x264 writes its settings into an SEI of the first frame it encodes."""
+    at = mp4.find(b"x264 - core")
+    return None if at < 0 else mp4[at:at + 2000].split(b"\x00")[0].decode("latin-1")
+
+
+def test_one_encoder_per_video_with_frame_threads(good_videos):
+    clips = transcode(plan([str(good_videos["hd_30fps_23s.mp4"])]), preview={"enabled": False})
+    settings = [_x264_settings(c["mp4"]) for c in clips]
+    # Only the first clip carries the encoder's start-up SEI: the others came
+    # from the same encoder, each from an IDR frame (assert_exact_clip).
+    assert settings[0] is not None and settings[1:] == [None, None]
+    assert "sliced_threads=0" in settings[0]
+    for clip in clips:
+        assert_exact_clip(clip)
+    # PyAV's own default (slice) would switch x264 to sliced threads.
+    sliced = transcode(plan([str(good_videos["hd_30fps_23s.mp4"])]), thread_type="slice", threads=2,
+                       preview={"enabled": False}, keep_audio=False)
+    assert "sliced_threads=1" in _x264_settings(sliced[0]["mp4"])
+    with pytest.raises(ValueError, match="thread_type"):
+        ClipTranscoder(thread_type="frames")
+
+
+def test_gapped_spans_from_one_encoder_are_exact(good_videos):
+    table = plan([str(good_videos["hd_30fps_23s.mp4"])])
+    starts = pa.array([[0, 120, 400]], pa.list_(pa.int64()))
+    ends = pa.array([[90, 300, 650]], pa.list_(pa.int64()))
+    table = table.set_column(table.schema.get_field_index("span_start_frames"), "span_start_frames", starts)
+    table = table.set_column(table.schema.get_field_index("span_end_frames"), "span_end_frames", ends)
+    clips = transcode(table, preview={"enabled": False})
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 90), (120, 300), (400, 650)]
+    for clip in clips:
+        assert_exact_clip(clip)
+        assert clip["has_audio"]
+
+
+# ------------------------------------------------- motion from the clip's own packets
+MOTION = {"mode": "enable", "global_mean_threshold": 0.00098, "per_patch_min_threshold": 1e-6, "fps": 2,
+          "patch_size": 256}
+
+
+@pytest.mark.parametrize("name,split", [
+    ("hd_30fps_23s.mp4", {}),
+    ("odd_25fps_12s.mp4", {}),
+    ("ntsc_29.97fps_5s.mkv", {"clip_len_s": 2.0, "min_clip_s": 1.0}),
+    ("short_15fps_3s.mp4", {"clip_len_s": 2.0, "stride_s": 0.5, "min_clip_s": 1.0}),
+])
+@pytest.mark.parametrize("preset", ["ultrafast", "medium"])
+def test_motion_from_packets_equals_decoding_the_clip(good_videos, name, split, preset):
+    """The transcode stage's vectors-only decode of each clip's packets gives
+    exactly the scores ClipAnalysis gets by fully decoding the clip's mp4."""
+    from udfs.analysis.clip_analysis import ClipAnalysis
+
+    table = plan([str(good_videos[name])], **split)
+    out = pa.concat_tables(list(ClipTranscoder(preset=preset, crf=23, motion=MOTION,
+                                               preview={"enabled": False})(table)))
+    scored = out.column("motion_global_mean").to_pylist()
+    assert out.num_rows >= 1 and all(s is not None for s in scored)
+    bare = out.drop_columns(["motion_global_mean", "motion_per_patch_min", "passed", "filter_reason"])
+    reference = ClipAnalysis(motion=MOTION, decode_threads=1)(bare)
+    for column in ("motion_global_mean", "motion_per_patch_min", "passed", "filter_reason"):
+        assert out.column(column).to_pylist() == reference.column(column).to_pylist(), column
+
+
+def test_still_video_is_low_motion_from_transcode(tmp_path):
+    still = write_video(tmp_path / "still.mp4", width=160, height=96, fps=24, seconds=3, moving=False)
+    clips = transcode(plan([str(still)], min_clip_s=1.0), motion=MOTION, preview={"enabled": False})
+    assert clips[0]["passed"] is False and clips[0]["filter_reason"].startswith("low motion:")
+    moving = transcode(plan([str(write_video(tmp_path / "moving.mp4", width=160, height=96, fps=24, seconds=3))],
+                            min_clip_s=1.0), motion=MOTION, preview={"enabled": False})
+    assert moving[0]["passed"] is True and moving[0]["motion_global_mean"] > 0.00098
+
+
+def test_vectors_only_decode_exports_the_full_decodes_vectors(good_videos):
+    """Skipping deblocking and unsampled non-reference frames changes no
+    exported motion vector: array-equal to a plain full decode."""
+    from fractions import Fraction
+
+    from udfs.analysis.motion_decode import decode_motion_vectors
+
+    clip = transcode(plan([str(good_videos["hd_30fps_23s.mp4"])]), preset="medium", preview={"enabled": False})[0]
+    wanted = set(range(0, clip["num_frames"], 15))
+    full: dict[int, np.ndarray] = {}
+    packets = []
+    with av.open(io.BytesIO(clip["mp4"])) as c:
+        stream = c.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        stream.thread_type = "SLICE"
+        to_index = stream.time_base * Fraction(30)
+        extradata = stream.codec_context.extradata
+        for packet in c.demux(stream):
+            if packet.size:
+                packets.append((bytes(packet), int(packet.pts * to_index), int(packet.dts * to_index)))
+            for i, frame in enumerate(packet.decode()):
+                index = round(frame.pts * to_index)
+                side = frame.side_data.get("MOTION_VECTORS")
+                if index in wanted and side is not None:
+                    full[index] = side.to_ndarray().copy()
+    # The mp4 holds length-prefixed NAL units; its avcC extradata says so.
+    cheap, decoded = decode_motion_vectors(packets, codec="h264", extradata=extradata, wanted=wanted)
+    assert decoded == len(wanted) and len(cheap) == len(full) >= len(wanted) - 1  # frame 0 is an I-frame
+    for (index, ref), got in zip(sorted(full.items()), cheap):
+        assert np.array_equal(ref, got), index
+
+
+def test_videos_of_a_batch_transcoded_concurrently_give_the_same_clips(good_videos):
+    table = plan([str(good_videos[n]) for n in ("hd_30fps_23s.mp4", "odd_25fps_12s.mp4", "short_15fps_3s.mp4")])
+    one = transcode(table, video_workers=1, motion=MOTION)
+    two = transcode(table, video_workers=2, motion=MOTION)
+    key = lambda c: c["clip_id"]  # noqa: E731
+    assert sorted(map(key, one)) == sorted(map(key, two)) and len(one) == 6
+    for a, b in zip(sorted(one, key=key), sorted(two, key=key)):
+        assert (a["start_frame"], a["end_frame"], a["num_frames"], a["motion_global_mean"]) == \
+            (b["start_frame"], b["end_frame"], b["num_frames"], b["motion_global_mean"])
+        assert_exact_clip(b)

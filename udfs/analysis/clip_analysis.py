@@ -30,6 +30,7 @@ from engine.schema import CLIP_FILTER_FIELDS, CLIP_MOTION_FIELDS, frame_fields
 from udfs.analysis.filtering import apply_filter, row_errors
 from udfs.analysis.frames import FrameSpec, as_fraction, centre_crop, parse_consumers, plan_decode
 from udfs.analysis.motion import MotionScores, MotionSettings, low_motion_reason, motion_scores
+from udfs.analysis.motion_decode import MV_ONLY_OPTIONS
 from udfs.media.video import DEFAULT_DECODE_THREADS, frame_rate, pack_frames, video_stream
 
 
@@ -64,7 +65,9 @@ def analyse_clip(
     with av.open(io.BytesIO(mp4), mode="r", metadata_errors="ignore") as container:
         stream = video_stream(container, threads)
         if want_motion:
-            stream.codec_context.options = {"flags2": "+export_mvs"}
+            # Vectors only (no consumer wants pixels): deblocking changes pixels,
+            # never vectors, so it is skipped (udfs.analysis.motion_decode).
+            stream.codec_context.options = dict(MV_ONLY_OPTIONS) if not specs else {"flags2": "+export_mvs"}
             # Frame threading races the motion-vector export (scores changed
             # run to run in tests); slice threading does not.
             stream.thread_type = "SLICE"

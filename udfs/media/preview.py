@@ -39,8 +39,11 @@ def preview_frame_offsets(num_frames: int, fps: float, preview_fps: float) -> li
     return offsets
 
 
-def encode_webp(frames: list[av.VideoFrame], fps: float, *, quality: int = 50, lossless: bool = False) -> bytes:
-    """An animated, looping WebP of `frames` shown at `fps`."""
+def encode_webp(frames: list[av.VideoFrame], fps: float, *, quality: int = 50, lossless: bool = False,
+                method: int = 4) -> bytes:
+    """An animated, looping WebP of `frames` shown at `fps`. `method` is
+    libwebp's speed/size trade-off, 0 (fastest) to 6 (smallest); 4 is its
+    default."""
     if not frames:
         raise ValueError("no frames for the preview")
     buf = io.BytesIO()
@@ -50,6 +53,7 @@ def encode_webp(frames: list[av.VideoFrame], fps: float, *, quality: int = 50, l
         stream.width = frames[0].width
         stream.height = frames[0].height
         stream.pix_fmt = "yuv420p" if not lossless else "bgra"
-        stream.options = {"loop": "0", "quality": str(quality), "lossless": "1" if lossless else "0"}
+        stream.options = {"loop": "0", "quality": str(quality), "lossless": "1" if lossless else "0",
+                          "compression_level": str(method)}
         encode_frames(out, stream, frames, rate)
     return buf.getvalue()

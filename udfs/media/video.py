@@ -4,6 +4,10 @@ Frames are indexed by decode order of the video stream (presentation order
 after the decoder's reordering), which is what the split stages' frame spans
 refer to. Timestamps are not trusted for indexing: many real files have
 gaps, edit lists or variable frame rates.
+
+PyAV is imported inside the functions that decode: the frame packing
+helpers below are pure numpy, and the model stages that use them must import
+on machines without PyAV (a GPU box running `scripts/gpu_check.py`).
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import av
 import numpy as np
 
 from engine.uris import av_source
+
+if TYPE_CHECKING:
+    import av
 
 # Decoder threads: FFmpeg's frame+slice threading; 0 lets it pick per core.
 DEFAULT_DECODE_THREADS = 0
@@ -24,6 +30,8 @@ DEFAULT_DECODE_THREADS = 0
 
 @contextlib.contextmanager
 def open_video(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[av.container.InputContainer]:
+    import av
+
     source = av_source(uri, storage_options)
     container = av.open(source, mode="r", metadata_errors="ignore")
     try:
@@ -94,6 +102,8 @@ def decode_rgb(
 def decode_rgb_bytes(data: bytes, width: int | None = None, height: int | None = None, step: int = 1) -> np.ndarray:
     """Decode an in-memory clip (e.g. the clip table's mp4) to RGB frames."""
     import io
+
+    import av
 
     out: list[np.ndarray] = []
     with av.open(io.BytesIO(data), mode="r") as container:
