@@ -377,9 +377,9 @@ def test_task_search_prints_a_table_or_json_lines(text_table):
     assert bad.returncode == 2 and "invalid where filter" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_the_full_experiment_indexes_after_curating():
+def test_the_full_experiment_indexes_after_curating_and_dedup():
     cfg = config("+experiment=full", "input=x", "output=y")
-    assert list(cfg.task.steps) == ["curate", "index"]
+    assert list(cfg.task.steps) == ["curate", "dedup", "index"]
     assert config("task=index", "output=y").task.steps == ["index"]
 
 
