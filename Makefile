@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 UV_ARGS := $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 EXTRAS ?= dev
 
-.PHONY: install sample test bench clean
+.PHONY: install sample test browser bench clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -25,8 +25,19 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 sample: install
 	$(BIN)/python -m engine +experiment=sample
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium + chromedriver for the web UI's browser test
+# (tests/test_ui.py), from Debian's packages. Best-effort: without them (no
+# apt-get, no root, no network) the test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver ) \
+	    >/dev/null 2>&1 || echo "note: could not install chromium + chromium-driver; the browser test will be skipped"; \
+	else echo "note: no apt-get; the browser test will be skipped"; fi
 
 bench:
 	$(MAKE) install EXTRAS=dev,bench

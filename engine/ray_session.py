@@ -14,6 +14,7 @@ same command again redoes them (see docs/resilience.md).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import ray
@@ -33,7 +34,12 @@ def ensure_ray(ray_cfg: Any) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address:
         kwargs["address"] = address
+    elif os.environ.get("RAY_ADDRESS"):
+        pass  # a RayJob (or the user) named the cluster: join it as `ray.init()` does
     else:
+        # Without an address, ray.init() would join any cluster a `ray start`
+        # left on this machine; a run that did not ask for one gets its own.
+        kwargs["address"] = "local"
         for key in ("num_cpus", "num_gpus", "object_store_memory"):
             if ray_cfg.get(key) is not None:
                 kwargs[key] = ray_cfg.get(key)

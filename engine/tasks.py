@@ -22,6 +22,9 @@ TASKS: dict[str, str] = {
     "curate": "engine.curate",
     "export": "engine.export",
     "dedup": "engine.dedup",
+    "index": "engine.index",
+    "search": "engine.search",
+    "serve": "engine.serve",
 }
 READS_VIDEOS = frozenset({"curate"})
 

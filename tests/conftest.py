@@ -143,3 +143,32 @@ def training_output(ray_session, tmp_path_factory) -> Path:
     clips.update_schema_metadata({"embedding_name": "cosmos_embed1", "embedding_model": "test",
                                   "embedding_dim": str(TRAINING_EMBED_DIM)})
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A random CLIP (scripts/random_models.build_clip) saved to disk: 24-d embeddings."""
+    from scripts.random_models import build_clip
+
+    return build_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
+
+
+@pytest.fixture(scope="session")
+def embedded_output(ray_session, video_dir, tiny_clip, tmp_path_factory) -> Path:
+    """A real curate run with tiny-CLIP embeddings: three sample videos (six
+    clips) and one corrupt file. Treat it as read-only: copy it before
+    running a task that writes (shutil.copytree)."""
+    from hydra import compose, initialize_config_dir
+
+    from engine.cli import CONFIG_DIR
+    from engine.curate import run
+
+    out = tmp_path_factory.mktemp("embedded_output")
+    inputs = [str(video_dir / n) for n in ("hd_30fps_23s.mp4", "odd_25fps_12s.mp4", "short_15fps_3s.mp4", "corrupt.mp4")]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"input=[{','.join(inputs)}]", f"output={out}", "transcode.preset=ultrafast",
+            "embed=clip", f"embed.model={tiny_clip}", "embed.resources.batch_size=8",
+        ])
+    run(cfg)
+    return out

@@ -530,9 +530,9 @@ def test_end_to_end_reencoded_crop_is_flagged(tmp_path, ray_session):
                  "transcode.preset=ultrafast", "split.clip_len_s=2", "split.min_clip_s=1", "preview.enabled=false",
                  "dedup.eps=0.01")
     summaries = run_tasks(cfg)
-    assert list(summaries) == ["curate", "dedup"]
+    assert list(summaries) == ["curate", "dedup", "index"]
     t = lance.dataset(str(tmp_path / "out" / "clips.lance")).to_table(
-        columns=["source_uri", "start_frame", "passed", "error", *DEDUP_COLUMNS])
+        columns=["clip_id", "source_uri", "start_frame", "passed", "error", *DEDUP_COLUMNS])
     rows = {(os.path.basename(r["source_uri"]), r["start_frame"]): r for r in t.to_pylist()}
     assert set(rows) == {("source.mp4", 0), ("source.mp4", 60), ("source.mp4", 120), ("copy.mp4", 0)}
     pair = [rows[("source.mp4", 60)], rows[("copy.mp4", 0)]]
@@ -543,6 +543,14 @@ def test_end_to_end_reencoded_crop_is_flagged(tmp_path, ray_session):
     training = lance.dataset(str(tmp_path / "out" / "clips.lance")).to_table(
         filter="passed AND error IS NULL AND duplicate IS NOT TRUE", columns=["clip_id"])
     assert training.num_rows == 3
+    # The index step ran on the deduplicated table: "more like this" on the
+    # flagged copy, kept clips only, ranks the clip it duplicates first.
+    import engine.search
+
+    kept = next(r for r in pair if not r["duplicate"])
+    found = engine.search.open(tmp_path / "out").search(clip_id=flagged["clip_id"], where="duplicate IS NOT TRUE", k=3)
+    assert found.column("clip_id")[0].as_py() == kept["clip_id"]
+    assert found.column("score")[0].as_py() >= 0.99
 
 
 # ------------------------------------------------------------------ object store
