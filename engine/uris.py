@@ -346,19 +346,29 @@ class _RetryingReader:
         self._pos = 0
         self._size: int | None = None
         self._closed = False
+        self._stream: Any = None  # what `_open_at` returned, until dropped
 
     # -- subclass hooks -----------------------------------------------------
-    def _open_at(self, pos: int) -> None:
-        raise NotImplementedError
-
-    def _read_open(self, n: int) -> bytes:
-        raise NotImplementedError
-
-    def _drop(self) -> None:
+    def _open_at(self, pos: int) -> Any:
+        """A readable stream positioned at `pos`."""
         raise NotImplementedError
 
     def _stat_size(self) -> int | None:
         raise NotImplementedError
+
+    # -- the open stream ----------------------------------------------------
+    def _read_open(self, n: int) -> bytes:
+        if self._stream is None:
+            self._stream = self._open_at(self._pos)
+        return self._stream.read(n)
+
+    def _drop(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.close()
+            except OSError:
+                pass
+            self._stream = None
 
     # -- file protocol ------------------------------------------------------
     def readable(self) -> bool:
@@ -447,9 +457,8 @@ class HttpRangeFile(_RetryingReader):
 
     def __init__(self, uri: str, policy: RetryPolicy | None = None) -> None:
         super().__init__(uri, policy or RetryPolicy())
-        self._resp: http.client.HTTPResponse | None = None
 
-    def _open_at(self, pos: int) -> None:
+    def _open_at(self, pos: int) -> http.client.HTTPResponse:
         req = urllib.request.Request(self.uri, headers={"Range": f"bytes={pos}-"} if pos else {})
         resp = urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S)
         total = _total_size(resp, pos)
@@ -464,21 +473,7 @@ class HttpRangeFile(_RetryingReader):
                     resp.close()
                     raise http.client.IncompleteRead(b"", skip)
                 skip -= len(got)
-        self._resp = resp
-
-    def _read_open(self, n: int) -> bytes:
-        if self._resp is None:
-            self._open_at(self._pos)
-        assert self._resp is not None
-        return self._resp.read(n)
-
-    def _drop(self) -> None:
-        if self._resp is not None:
-            try:
-                self._resp.close()
-            except OSError:
-                pass
-            self._resp = None
+        return resp
 
     def _stat_size(self) -> int | None:
         req = urllib.request.Request(self.uri, method="HEAD")
@@ -506,26 +501,13 @@ class RetryingStoreFile(_RetryingReader):
     def __init__(self, uri: str, storage_options: dict[str, Any] | None, policy: RetryPolicy | None = None) -> None:
         super().__init__(uri, policy or RetryPolicy())
         self._fs, self._path = arrow_fs(uri, storage_options)
-        self._file: Any = None
         self._size = self.size()
 
-    def _open_at(self, pos: int) -> None:
-        self._file = self._fs.open_input_file(self._path)
+    def _open_at(self, pos: int) -> Any:
+        stream = self._fs.open_input_file(self._path)
         if pos:
-            self._file.seek(pos)
-
-    def _read_open(self, n: int) -> bytes:
-        if self._file is None:
-            self._open_at(self._pos)
-        return self._file.read(n)
-
-    def _drop(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
+            stream.seek(pos)
+        return stream
 
     def _stat_size(self) -> int | None:
         import pyarrow.fs as pafs

@@ -126,11 +126,11 @@ def test_object_store_reads_are_retried(tmp_path):
     real_open = reader._open_at
     failures = iter([OSError("AWS Error NETWORK_CONNECTION during GetObject"), None, None, None])
 
-    def flaky_open(pos: int) -> None:
+    def flaky_open(pos: int):
         error = next(failures, None)
         if error:
             raise error
-        real_open(pos)
+        return real_open(pos)
 
     reader._open_at = flaky_open
     reader.seek(300)
