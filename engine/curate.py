@@ -336,22 +336,18 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     n_video = len(video_steps)
     video_steps, (transcode, *later_steps, writer) = steps[:n_video], steps[n_video:]
 
-    # Reads wait on the ledger, so they take no CPU and run one at a time.
-    ds = ray.data.read_datasource(InputChunks(chunks, ledger_name), override_num_blocks=len(chunks), concurrency=1,
-                                  num_cpus=0)
-    for step in video_steps:
-        ds = apply_stage(ds, step, clock_name, cpus, gpus)
-    # Same resources as the split step, so Ray Data fuses the two when it can.
-    ds = ds.map_batches(report_uncut, fn_kwargs={"ledger_name": ledger_name}, batch_format="pyarrow",
-                        batch_size=None, num_cpus=video_steps[-1].num_cpus)
-    ds = one_video_per_block(ds, video_steps[-1].num_cpus)
-    for step in [transcode, *later_steps]:
-        ds = apply_stage(ds, step, clock_name, cpus, gpus)
-    # Every good clip passes unless a filter said otherwise; error rows get passed=null.
-    # The writer's share of a CPU (not Ray Data's default of a whole one, which
-    # stage actors may never leave free), so the two fuse into the writers.
-    ds = ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None, num_cpus=writer.num_cpus)
-    ds = apply_stage(ds, writer, clock_name, cpus, gpus)
+    # Ray Data's per-stage CPU reservations (each stage at least its task's
+    # share, upstream first) do not fit a small cluster running every stage
+    # at once: the last stages got none and the stream stalled or held every
+    # clip until the end. The ledger bounds what is in flight instead, and
+    # Ray's scheduler shares the CPUs. The dataset keeps its own copy.
+    context = ray.data.DataContext.get_current()
+    reservations = context.op_resource_reservation_enabled
+    context.op_resource_reservation_enabled = False
+    try:
+        ds = build_stream(chunks, ledger_name, video_steps, transcode, later_steps, writer, clock_name, cpus, gpus)
+    finally:
+        context.op_resource_reservation_enabled = reservations
 
     policy = CommitPolicy(every_s=write_node.get("commit_every_s"), every_rows=write_node.get("commit_every_rows"))
     progress = Progress()
@@ -388,6 +384,31 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
         log.info("%d fragments written twice by retried tasks were left out (and removed)", progress.late_fragments)
     return {"videos_committed": committed, "videos_incomplete": len(incomplete), "first_commit_s": first_commit_s,
             "commits": store.commits, "most_videos_in_flight": most_in_flight}
+
+
+
+def build_stream(chunks: list[tuple[Any, int]], ledger_name: str, video_steps: list[StageStep], transcode: StageStep,
+                 later_steps: list[StageStep], writer: StageStep, clock_name: str, cpus: float,
+                 gpus: float) -> ray.data.Dataset:
+    """The run's Ray Data job: input chunks -> video stages -> transcode ->
+    clip stages -> writers."""
+    # Reads wait on the ledger, so they take no CPU and run one at a time.
+    ds = ray.data.read_datasource(InputChunks(chunks, ledger_name), override_num_blocks=len(chunks), concurrency=1,
+                                  num_cpus=0)
+    for step in video_steps:
+        ds = apply_stage(ds, step, clock_name, cpus, gpus)
+    # Same resources as the split step, so Ray Data fuses the two when it can.
+    ds = ds.map_batches(report_uncut, fn_kwargs={"ledger_name": ledger_name}, batch_format="pyarrow",
+                        batch_size=None, num_cpus=video_steps[-1].num_cpus)
+    ds = one_video_per_block(ds, video_steps[-1].num_cpus)
+    for step in [transcode, *later_steps]:
+        ds = apply_stage(ds, step, clock_name, cpus, gpus)
+    # Every good clip passes unless a filter said otherwise; error rows get passed=null.
+    # The writer's share of a CPU (not Ray Data's default of a whole one, which
+    # stage actors may never leave free), so the two fuse into the writers.
+    ds = ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None, num_cpus=writer.num_cpus)
+    ds = apply_stage(ds, writer, clock_name, cpus, gpus)
+    return ds
 
 
 def one_video_per_block(ds: ray.data.Dataset, num_cpus: float) -> ray.data.Dataset:
