@@ -290,7 +290,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         done.clear()
         pending = sum(n for _, n in chunks)
         log.info("%d inputs, %d already done, %d to curate", listed, skipped, pending)
-        stream = {"videos_committed": 0, "videos_incomplete": 0, "first_commit_s": None, "commits": 0,
+        stream = {"videos_committed": 0, "videos_incomplete": 0, "first_commit_s": None, "commits": 0, "commit_s": 0.0,
                   "max_videos_in_flight": limit, "most_videos_in_flight": 0}
         if pending:
             stream.update(curate_stream(cfg, store, chunks, video_steps, clip_steps, clock_name, run_id, limit,
@@ -353,6 +353,7 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     progress = Progress()
     first_commit_s = None
     committed = 0
+    commit_s = 0.0  # the driver's time in commits (the stream runs on meanwhile)
     stream = _pump(ds)
     most_in_flight = 0
     try:
@@ -364,7 +365,9 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
             ready = progress.complete()
             if ready and (end or policy.due(len(ready), ready_rows(progress, ready))):
                 rows, fragments, _ = progress.take(ready)
+                commit_started = time.perf_counter()
                 store.commit(rows, fragments, run_id)
+                commit_s += time.perf_counter() - commit_started
                 policy.committed()
                 committed += len(ready)
                 if first_commit_s is None:
@@ -383,7 +386,7 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     if progress.late_fragments:
         log.info("%d fragments written twice by retried tasks were left out (and removed)", progress.late_fragments)
     return {"videos_committed": committed, "videos_incomplete": len(incomplete), "first_commit_s": first_commit_s,
-            "commits": store.commits, "most_videos_in_flight": most_in_flight}
+            "commits": store.commits, "commit_s": round(commit_s, 3), "most_videos_in_flight": most_in_flight}
 
 
 

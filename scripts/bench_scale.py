@@ -18,9 +18,9 @@ Scenarios:
   long    720p 24 fps, 5 min and 60 min (twelve copies of a generated 5 min
           segment, remuxed): peak memory against length (`--long-end-only`
           adds the 60 min run without periodic commits).
-  resume  the short set, commits every 10 s: a run killed (kill -9) once
-          half the videos are committed, then the same command; its wall time
-          against a clean run.
+  resume  the short set, a commit every 16 clip rows or 10 s: a run killed
+          (kill -9) once half the videos are committed, then the same command;
+          its wall time against a clean run.
   inputs  1,000 and 100,000 inputs (empty files: each becomes an error row
           after the probe): the run completes; driver and total peak memory.
 """
@@ -200,7 +200,8 @@ def run_engine(label: str, inputs: Path, output: Path, *overrides: str, kill_at_
     }
     if summary:
         result.update(videos=summary["videos"], clips=summary["clips"], commits=summary["run"]["commits"],
-                      skipped=summary["run"]["videos_skipped"], first_commit_s=summary["run"]["first_commit_s"])
+                      skipped=summary["run"]["videos_skipped"], first_commit_s=summary["run"]["first_commit_s"],
+                      commit_s=summary["run"].get("commit_s"), stream_s=summary["wall_s"]["pipeline"])
     else:
         result.update(videos_committed=committed(output, "videos.lance"))
     print(json.dumps(result), flush=True)
@@ -245,13 +246,15 @@ def scenario_long(end_only: bool = False) -> list[dict]:
 
 def scenario_resume() -> list[dict]:
     inputs = short_set()
-    # Commits every 10 s, so the kill lands near half the videos (with the
-    # default 60 s a 100 s run has one commit in the middle).
-    every = "write.commit_every_s=10"
-    clean = run_engine("resume_clean", inputs, fresh("resume_clean"), every)
+    # A commit every 16 clip rows (8 videos) or 10 s, so the kill lands near
+    # half the videos (with the default 60 s a 70 s run has no commit in the
+    # middle).
+    every = ("write.commit_every_s=10", "write.commit_every_rows=16")
+    clean = run_engine("resume_clean", inputs, fresh("resume_clean"), *every)
     out = fresh("resume")
-    killed = run_engine("resume_killed", inputs, out, every, kill_at_videos=SHORT_N // 2, watch_first_clip=False)
-    again = run_engine("resume_again", inputs, out, every, watch_first_clip=False)
+    killed = run_engine("resume_killed", inputs, out, *every, kill_at_videos=SHORT_N // 2, watch_first_clip=False)
+    again = run_engine("resume_again", inputs, out, *every, watch_first_clip=False)
+    again["killed_at_videos"] = killed["videos_committed"]
     again["ratio_to_clean"] = round(again["wall_s"] / clean["wall_s"], 3)
     print(json.dumps({"resume_ratio": again["ratio_to_clean"]}), flush=True)
     return [clean, killed, again]
