@@ -100,9 +100,18 @@ def test_worker_node_killed_mid_run(ray_session, inputs, tmp_path):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no commit within 300 s"
             time.sleep(0.05)
-        doomed = workers[0]
-        busy = node_work(doomed)
+        # The worker node that is running some of the run's work right now.
+        doomed, busy = None, []
+        while not busy and proc.poll() is None and time.monotonic() < deadline:
+            for node in workers:
+                busy = node_work(node)
+                if busy:
+                    doomed = node
+                    break
+            else:
+                time.sleep(0.05)
         print("work on the killed node:", busy)
+        assert doomed is not None, "no worker node ran the run's work before it finished"
         cluster.remove_node(doomed, allow_graceful=False)  # kill -9 of the node's processes
         killed_at = committed_videos(out)
         try:
