@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on this machine: a head node (no CPUs: it
 holds the driver and the run's bookkeeping) and two worker nodes with their
-own resources. The run joins it through `ray.address`; one worker node is
-killed mid-run; the run completes with the clips of a clean run."""
+own resources. The run joins it through `ray.address`; the worker node
+running its work is killed mid-run; the run completes with the clips of a
+clean run."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def committed_videos(output) -> int:
 
 
 def node_work(node) -> list[str]:
-    """The run's Ray workers alive on `node` (stage actors and tasks)."""
+    """The run's stage tasks and actors alive on `node`."""
     import psutil
 
     names = []
@@ -56,7 +57,8 @@ def node_work(node) -> list[str]:
         try:
             for child in psutil.Process(popen.pid).children(recursive=True):
                 name = " ".join(child.cmdline())[:80]
-                if name.startswith("ray::") and "IDLE" not in name and "Agent" not in name:
+                # Stage tasks, not the input reads (which only wait for admission).
+                if name.startswith("ray::") and "MapBatches" in name:
                     names.append(name)
         except psutil.Error:
             continue
@@ -67,7 +69,7 @@ def node_work(node) -> list[str]:
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster_inputs")
     for i in range(10):
-        write_video(root / f"c{i}.mp4", width=128, height=72, fps=15, seconds=4 + i % 3)
+        write_video(root / f"c{i}.mp4", width=128, height=72, fps=15, seconds=8 + i % 3)
     return root
 
 
@@ -96,11 +98,7 @@ def test_worker_node_killed_mid_run(ray_session, inputs, tmp_path):
              f"ray.address={cluster.address}"],
             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
-        while committed_videos(out) < 1:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no commit within 300 s"
-            time.sleep(0.05)
-        # The worker node that is running some of the run's work right now.
+        # Once the run has work on a worker node, that node is killed.
         doomed, busy = None, []
         while not busy and proc.poll() is None and time.monotonic() < deadline:
             for node in workers:
@@ -111,7 +109,7 @@ def test_worker_node_killed_mid_run(ray_session, inputs, tmp_path):
             else:
                 time.sleep(0.05)
         print("work on the killed node:", busy)
-        assert doomed is not None, "no worker node ran the run's work before it finished"
+        assert doomed is not None, f"no worker node ran the run's work: {proc.poll()=}"
         cluster.remove_node(doomed, allow_graceful=False)  # kill -9 of the node's processes
         killed_at = committed_videos(out)
         try:
