@@ -431,33 +431,22 @@ def test_video_and_image_queries_go_through_the_vision_tower(curated, tmp_path):
         searcher.search(video=tmp_path / "bad.mp4")
 
 
-def test_index_and_search_an_output_in_an_object_store(tmp_path):
+def test_index_and_search_an_output_in_an_object_store(tmp_path, local_s3):
     """task=index and the searcher on s3:// (a local S3 server)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     from engine.uris import lance_storage_options
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="search-out")
-        opts = {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
-                "secret_key": "testing", "region": "us-east-1"}
-        lance_opts = lance_storage_options(opts)
-        x = make_clips(tmp_path / "local.lance", 3000)
-        lance.write_dataset(lance.dataset(tmp_path / "local.lance").to_table(), "s3://search-out/run/clips.lance",
-                            storage_options=lance_opts)
-        cfg = config("task=index", "output=s3://search-out/run", "index.exact_max_rows=100",
-                     "index.rows_per_partition=300")
-        cfg.storage_options = opts
-        summary = run_index(cfg)
-        assert summary["vector"]["index_type"] == "IVF_SQ" and summary["report"] == "s3://search-out/run/index/summary.json"
-        searcher = engine.search.open("s3://search-out/run", storage_options=lance_opts)
-        assert searcher.tuned.index_type == "IVF_SQ"
-        assert searcher.search(vector=x[42], k=1).column("clip_id")[0].as_py() == ids_at([42])[0]
-        assert searcher.search(text="take42", mode="fts", k=1).column("clip_id")[0].as_py() == ids_at([42])[0]
-    finally:
-        server.stop()
+    client, opts = local_s3
+    client.create_bucket(Bucket="search-out")
+    lance_opts = lance_storage_options(opts)
+    x = make_clips(tmp_path / "local.lance", 3000)
+    lance.write_dataset(lance.dataset(tmp_path / "local.lance").to_table(), "s3://search-out/run/clips.lance",
+                        storage_options=lance_opts)
+    cfg = config("task=index", "output=s3://search-out/run", "index.exact_max_rows=100",
+                 "index.rows_per_partition=300")
+    cfg.storage_options = opts
+    summary = run_index(cfg)
+    assert summary["vector"]["index_type"] == "IVF_SQ" and summary["report"] == "s3://search-out/run/index/summary.json"
+    searcher = engine.search.open("s3://search-out/run", storage_options=lance_opts)
+    assert searcher.tuned.index_type == "IVF_SQ"
+    assert searcher.search(vector=x[42], k=1).column("clip_id")[0].as_py() == ids_at([42])[0]
+    assert searcher.search(text="take42", mode="fts", k=1).column("clip_id")[0].as_py() == ids_at([42])[0]
