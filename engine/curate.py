@@ -32,8 +32,9 @@ from engine import outputs
 from engine.commits import CommitPolicy, OutputStore, Progress, ready_rows
 from engine.export import check_export_target, write_exports
 from engine.lance_io import FragmentWriter
-from engine.ledger import InputChunks, report_uncut, reporting, start_ledger
-from engine.ray_session import cluster_resources, driver_node_strategy, ensure_ray
+from engine.input_chunks import InputChunks
+from engine.ledger import drain_reports, report_uncut, reporting, start_ledger
+from engine.ray_session import cluster_resources, ensure_ray
 from engine.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, encode, resume_mode
 from engine.schema import (
     CLIP_AESTHETIC_FIELDS,
@@ -45,7 +46,6 @@ from engine.schema import (
     video_id_for,
 )
 from engine.stages import StageStep, apply_stage, check_gpus, fit_to_cluster, node_dict, stage_params
-from engine.timing import start_clock
 from engine.uris import READ_RETRIES_KEY, chunked, iter_inputs, lance_storage_options
 from udfs.analysis.filtering import finalize_filter_columns
 
@@ -280,12 +280,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     done, run_info = open_output(store, cfg, run_id)
 
     ensure_ray(cfg.ray)
-    clock, clock_name = start_clock(run_id, scheduling_strategy=driver_node_strategy())
     ray_start = time.perf_counter()
+    cpus, gpus = cluster_resources()
+    check_gpus([*video_steps, *clip_steps], gpus)
+    limit, chunk = admission(cfg, cpus, video_steps, clip_steps)
+    # The ledger is also the stages' clock (one bookkeeping actor per run).
+    ledger_name = f"reelsift_ledger_{run_id}"
+    ledger = start_ledger(ledger_name, limit)
     try:
-        cpus, gpus = cluster_resources()
-        check_gpus([*video_steps, *clip_steps], gpus)
-        limit, chunk = admission(cfg, cpus, video_steps, clip_steps)
         chunks, listed, skipped = feed_inputs(uris, done, chunk)
         done.clear()
         pending = sum(n for _, n in chunks)
@@ -293,12 +295,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stream = {"videos_committed": 0, "videos_incomplete": 0, "first_commit_s": None, "commits": 0, "commit_s": 0.0,
                   "max_videos_in_flight": limit, "most_videos_in_flight": 0}
         if pending:
-            stream.update(curate_stream(cfg, store, chunks, video_steps, clip_steps, clock_name, run_id, limit,
-                                        cpus, gpus, started))
+            stream.update(curate_stream(cfg, store, chunks, video_steps, clip_steps, ledger, ledger_name, run_id,
+                                        limit, cpus, gpus, started))
         pipeline_s = time.perf_counter() - ray_start
-        stage_times = ray.get(clock.snapshot.remote())
+        stage_times = ray.get(ledger.snapshot.remote())
     finally:
-        ray.kill(clock)
+        ray.kill(ledger)
 
     removed = store.remove_orphans()
     clips = store.clips()
@@ -316,15 +318,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, int]], video_steps: list[StageStep],
-                  clip_steps: list[StageStep], clock_name: str, run_id: str, limit: int, cpus: float, gpus: float,
-                  started: float) -> dict[str, Any]:
-    """Run the stream over `chunks` and commit videos as they complete."""
+                  clip_steps: list[StageStep], ledger: Any, ledger_name: str, run_id: str, limit: int, cpus: float,
+                  gpus: float, started: float) -> dict[str, Any]:
+    """Run the stream over `chunks` and commit videos as they complete.
+    `ledger` admits videos, collects transcode reports and stage times."""
     pending = sum(n for _, n in chunks)
     # No pool larger than the videos there are (or may be in flight).
     video_steps = [dataclasses.replace(s, max_parallel=min(pending, limit)) for s in video_steps]
     transcode, *later_steps = clip_steps
-    ledger_name = f"reelsift_ledger_{run_id}"
-    ledger = start_ledger(ledger_name, limit)
     # Transcode keeps its own batch of videos: never fused with the clip stage
     # after it (whose batch of clips would become a batch of videos).
     transcode = dataclasses.replace(transcode, cls=reporting(transcode.cls, ledger_name),
@@ -345,7 +346,7 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     reservations = context.op_resource_reservation_enabled
     context.op_resource_reservation_enabled = False
     try:
-        ds = build_stream(chunks, ledger_name, video_steps, transcode, later_steps, writer, clock_name, cpus, gpus)
+        ds = build_stream(chunks, ledger_name, video_steps, transcode, later_steps, writer, ledger_name, cpus, gpus)
     finally:
         context.op_resource_reservation_enabled = reservations
 
@@ -360,7 +361,7 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
         for item in stream:
             if isinstance(item, pa.Table):
                 progress.add_written(item)
-            progress.add_reports(ray.get(ledger.drain.remote()))
+            progress.add_reports(drain_reports(ledger))
             end = item is _END
             ready = progress.complete()
             if ready and (end or policy.due(len(ready), ready_rows(progress, ready))):
@@ -375,10 +376,12 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
                 log.info("committed %d videos (%d this run, %d in flight)", len(ready), committed,
                          len(progress.videos))
         most_in_flight = ray.get(ledger.most_in_flight.remote())
-    finally:
+    except BaseException:
         # The ledger first: the stream's reads and transcodes then fail fast
-        # if this run is being abandoned.
+        # when this run is being abandoned.
         ray.kill(ledger)
+        raise
+    finally:
         stream.close()
     incomplete = progress.incomplete()
     if incomplete:

@@ -43,6 +43,10 @@ def ensure_ray(ray_cfg: Any) -> None:
         for key in ("num_cpus", "num_gpus", "object_store_memory"):
             if ray_cfg.get(key) is not None:
                 kwargs[key] = ray_cfg.get(key)
+        spare = ray_cfg.get("spare_workers")
+        if spare is not None:
+            cpus = ray_cfg.get("num_cpus") or os.cpu_count() or 1
+            kwargs["_system_config"] = {"num_workers_soft_limit": int(cpus) + int(spare)}
     log.info("starting Ray: %s", kwargs)
     ray.init(**kwargs)
 

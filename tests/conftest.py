@@ -45,7 +45,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # Idle workers kept as a run's own local Ray keeps them (ray.spare_workers).
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _system_config={"num_workers_soft_limit": 2 + 6})
     yield ray
 
 
