@@ -187,6 +187,20 @@ def table_metadata(cfg: DictConfig, schema: pa.Schema) -> dict[str, str]:
     return meta
 
 
+def transcode_batch(step: StageStep, videos: int, cpus: float, gpus: float) -> int | None:
+    """Videos per transcode task: the configured batch, but never so large
+    that fewer tasks than the cluster's transcode slots would get videos
+    (a few videos on a big cluster spread over its nodes)."""
+    if not step.batch_size:
+        return step.batch_size
+    if step.num_gpus > 0:
+        slots = gpus / step.num_gpus
+    else:
+        slots = cpus / step.num_cpus if step.num_cpus > 0 else cpus
+    spread = max(1, -(-videos // max(1, int(slots))))
+    return max(1, min(int(step.batch_size), spread))
+
+
 def admission(cfg: DictConfig, cpus: float, video_steps: list[StageStep],
               clip_steps: list[StageStep]) -> tuple[int, int]:
     """(videos admitted at once, URIs per input chunk).
@@ -329,7 +343,8 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     # Transcode keeps its own batch of videos: never fused with the clip stage
     # after it (whose batch of clips would become a batch of videos).
     transcode = dataclasses.replace(transcode, cls=reporting(transcode.cls, ledger_name),
-                                    max_parallel=min(pending, limit), fuse=False)
+                                    max_parallel=min(pending, limit), fuse=False,
+                                    batch_size=transcode_batch(transcode, pending, cpus, gpus))
     write_node = node_dict(cfg, "write")
     writer = StageStep.from_node("write", FragmentWriter, {"resources": write_node.get("resources") or {}}, params={
         "uri": store.layout.clips, "schema": store.clip_schema, "storage_options": store.storage_options})

@@ -119,25 +119,57 @@ def empty_set(n: int) -> Path:
 
 # ------------------------------------------------------------------ measuring
 
-def tree_pss_mb(pid: int) -> tuple[float, float]:
-    """(whole process tree, the root process alone) proportional set size, MB."""
+def smaps_rollup_mb(pid: int) -> dict[str, float]:
+    """Pss, Pss_Anon, Pss_File and Pss_Shmem of one process, MB (Linux)."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
+                out[key] = int(rest.split()[0]) / 1024
+    return out
+
+
+def process_label(proc) -> str:
+    """A short name: ray::<task or actor>, raylet, gcs_server, the driver..."""
+    cmd = proc.cmdline()
+    if not cmd:
+        return proc.name()
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split(":")[2] if cmd[0].count(":") >= 2 else cmd[0]
+    name = os.path.basename(cmd[0])
+    if name.startswith("python") and len(cmd) > 1:
+        return "python " + " ".join(os.path.basename(c) for c in cmd[1:3])
+    return name
+
+
+def tree_pss_mb(pid: int, breakdown: bool = False) -> tuple[float, float, list[dict] | None]:
+    """(whole process tree, the root process alone) proportional set size, MB;
+    with `breakdown`, each process's share (anonymous memory vs the object
+    store's shared pages), largest first."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0.0, 0.0
+        return 0.0, 0.0, None
     total = own = 0.0
+    parts = []
     for proc in procs:
         try:
-            pss = proc.memory_full_info().pss / 2**20
-        except psutil.Error:
+            mem = smaps_rollup_mb(proc.pid)
+            label = process_label(proc) if breakdown else ""
+        except (OSError, psutil.Error):
             continue
-        total += pss
+        total += mem.get("Pss", 0.0)
         if proc.pid == pid:
-            own = pss
-    return total, own
+            own = mem.get("Pss", 0.0)
+        if breakdown:
+            parts.append({"process": label, "pid": proc.pid, "pss_mb": round(mem.get("Pss", 0.0)),
+                          "anon_mb": round(mem.get("Pss_Anon", 0.0)), "shmem_mb": round(mem.get("Pss_Shmem", 0.0))})
+    parts.sort(key=lambda p: -p["pss_mb"])
+    return total, own, parts if breakdown else None
 
 
 def committed(output: Path, table: str) -> int:
@@ -161,14 +193,15 @@ def run_engine(label: str, inputs: Path, output: Path, *overrides: str, kill_at_
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=WORK, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=open(WORK / f"{label}.log", "w"))
-    peak = {"total": 0.0, "driver": 0.0}
+    peak: dict = {"total": 0.0, "driver": 0.0, "breakdown": None}
     first_clip = None
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            total, own = tree_pss_mb(proc.pid)
-            peak["total"] = max(peak["total"], total)
+            total, own, parts = tree_pss_mb(proc.pid, breakdown=True)
+            if total > peak["total"]:
+                peak["total"], peak["breakdown"] = total, parts
             peak["driver"] = max(peak["driver"], own)
             stop.wait(0.5)
 
@@ -197,6 +230,8 @@ def run_engine(label: str, inputs: Path, output: Path, *overrides: str, kill_at_
     result = {
         "label": label, "wall_s": round(wall, 1), "first_clip_s": None if first_clip is None else round(first_clip, 1),
         "peak_mb": round(peak["total"]), "driver_peak_mb": round(peak["driver"]), "killed": killed,
+        # Where the memory was at the peak: the ten largest processes.
+        "peak_breakdown": (peak["breakdown"] or [])[:10],
     }
     if summary:
         result.update(videos=summary["videos"], clips=summary["clips"], commits=summary["run"]["commits"],

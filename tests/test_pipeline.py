@@ -168,3 +168,18 @@ def test_chained_tasks_share_one_output(ray_session, good_videos, tmp_path):
     assert seen == ["curate", "export"] == list(summaries)
     assert summaries["curate"]["clips"] == 1
     assert summaries["export"]["exports"]["parquet"] == str(tmp_path / "clips.parquet")
+
+
+def test_transcode_batch_spreads_few_videos_over_the_cluster():
+    """A transcode task takes its configured batch of videos, unless the run
+    has too few videos to give every transcode slot one batch."""
+    from engine.curate import transcode_batch
+    from engine.stages import StageStep
+    from udfs.media.transcode import ClipTranscoder
+
+    step = StageStep("transcode", ClipTranscoder, {}, num_cpus=2, batch_size=4)
+    assert transcode_batch(step, videos=60, cpus=2, gpus=0) == 4  # one slot: full batches
+    assert transcode_batch(step, videos=8, cpus=16, gpus=0) == 1  # eight slots, eight videos
+    assert transcode_batch(step, videos=20, cpus=16, gpus=0) == 3  # ceil(20 / 8)
+    gpu_step = StageStep("transcode", ClipTranscoder, {}, num_cpus=2, num_gpus=1, batch_size=4)
+    assert transcode_batch(gpu_step, videos=3, cpus=64, gpus=2) == 2

@@ -30,7 +30,7 @@ from engine.schema import CLIP_FILTER_FIELDS, CLIP_MOTION_FIELDS, frame_fields
 from udfs.analysis.filtering import apply_filter, row_errors
 from udfs.analysis.frames import FrameSpec, as_fraction, centre_crop, parse_consumers, plan_decode
 from udfs.analysis.motion import MotionScores, MotionSettings, low_motion_reason, motion_scores
-from udfs.analysis.motion_decode import MV_ONLY_OPTIONS
+from udfs.analysis.motion_decode import MV_ONLY_OPTIONS, collect_side_data_cycles
 from udfs.media.video import DEFAULT_DECODE_THREADS, frame_rate, pack_frames, video_stream
 
 
@@ -104,6 +104,9 @@ def analyse_clip(
                         ).to_ndarray()
                     rgb = converted[key]
                     collected[name].append(centre_crop(rgb, spec.size) if spec.crop else rgb)  # type: ignore[arg-type]
+            if index in motion_set:
+                del frame
+                collect_side_data_cycles()
             if index >= last_needed:
                 break
         if seen < last_needed:
