@@ -357,13 +357,19 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     # at once: the last stages got none and the stream stalled or held every
     # clip until the end. The ledger bounds what is in flight instead, and
     # Ray's scheduler shares the CPUs. The dataset keeps its own copy.
+    # Blocks of clip rows are cut at `write.max_block_mb`, not Ray Data's
+    # 128 MB: a transcode task holds its clips until a block is full, and a
+    # long video's full blocks sat in both the transcode and the writer
+    # workers (peak memory grew with video length).
     context = ray.data.DataContext.get_current()
-    reservations = context.op_resource_reservation_enabled
+    saved = (context.op_resource_reservation_enabled, context.target_max_block_size)
     context.op_resource_reservation_enabled = False
+    if write_node.get("max_block_mb"):
+        context.target_max_block_size = int(float(write_node["max_block_mb"]) * 2**20)
     try:
         ds = build_stream(chunks, ledger_name, video_steps, transcode, later_steps, writer, ledger_name, cpus, gpus)
     finally:
-        context.op_resource_reservation_enabled = reservations
+        context.op_resource_reservation_enabled, context.target_max_block_size = saved
 
     policy = CommitPolicy(every_s=write_node.get("commit_every_s"), every_rows=write_node.get("commit_every_rows"))
     progress = Progress()

@@ -230,8 +230,8 @@ def run_engine(label: str, inputs: Path, output: Path, *overrides: str, kill_at_
     result = {
         "label": label, "wall_s": round(wall, 1), "first_clip_s": None if first_clip is None else round(first_clip, 1),
         "peak_mb": round(peak["total"]), "driver_peak_mb": round(peak["driver"]), "killed": killed,
-        # Where the memory was at the peak: the ten largest processes.
-        "peak_breakdown": (peak["breakdown"] or [])[:10],
+        # Where the memory was at the peak: every process, largest first.
+        "peak_breakdown": peak["breakdown"] or [],
     }
     if summary:
         result.update(videos=summary["videos"], clips=summary["clips"], commits=summary["run"]["commits"],
