@@ -348,6 +348,12 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     write_node = node_dict(cfg, "write")
     writer = StageStep.from_node("write", FragmentWriter, {"resources": write_node.get("resources") or {}}, params={
         "uri": store.layout.clips, "schema": store.clip_schema, "storage_options": store.storage_options})
+    if writer.concurrency is None and write_node.get("cpus_per_writer"):
+        # Writers ask for no CPU, so nothing else bounds how many run at once;
+        # a burst of blocks (the end of a long video) started one Ray worker
+        # process per writer task, ~200 MB each, kept afterwards as idle
+        # workers: peak memory grew with video length.
+        writer = dataclasses.replace(writer, concurrency=max(2, int(cpus // float(write_node["cpus_per_writer"]))))
     steps = fit_to_cluster([*video_steps, transcode, *later_steps, writer], cpus, gpus)
     n_video = len(video_steps)
     video_steps, (transcode, *later_steps, writer) = steps[:n_video], steps[n_video:]
