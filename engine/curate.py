@@ -45,7 +45,7 @@ from engine.schema import (
     clip_schema,
     video_id_for,
 )
-from engine.stages import StageStep, apply_stage, check_gpus, fit_to_cluster, node_dict, stage_params
+from engine.stages import StageStep, apply_stage, check_gpus, fit_to_cluster, node_dict, stage_params, worker_slots
 from engine.uris import READ_RETRIES_KEY, chunked, iter_inputs, lance_storage_options
 from udfs.analysis.filtering import finalize_filter_columns
 
@@ -193,11 +193,7 @@ def transcode_batch(step: StageStep, videos: int, cpus: float, gpus: float) -> i
     (a few videos on a big cluster spread over its nodes)."""
     if not step.batch_size:
         return step.batch_size
-    if step.num_gpus > 0:
-        slots = gpus / step.num_gpus
-    else:
-        slots = cpus / step.num_cpus if step.num_cpus > 0 else cpus
-    spread = max(1, -(-videos // max(1, int(slots))))
+    spread = max(1, -(-videos // max(1, worker_slots(step, cpus, gpus))))
     return max(1, min(int(step.batch_size), spread))
 
 

@@ -89,13 +89,17 @@ class StageStep:
         )
 
 
+def worker_slots(step: StageStep, cpus: float, gpus: float) -> int:
+    """How many of `step`'s workers the cluster holds at once (0 when not one)."""
+    if step.num_gpus > 0:
+        return int(gpus // step.num_gpus)
+    return int(cpus // step.num_cpus) if step.num_cpus > 0 else int(cpus)
+
+
 def actor_pool(step: StageStep, cpus: float, gpus: float) -> ActorPoolStrategy:
     if step.concurrency:
         return ActorPoolStrategy(size=int(step.concurrency))
-    if step.num_gpus > 0:
-        limit = int(gpus // step.num_gpus)
-    else:
-        limit = int(cpus // step.num_cpus) if step.num_cpus > 0 else int(cpus)
+    limit = worker_slots(step, cpus, gpus)
     upper = max(1, min(limit, step.max_parallel or limit))
     # Autoscaling from one actor lets concurrent stages share the cluster.
     return ActorPoolStrategy(min_size=1, max_size=upper)

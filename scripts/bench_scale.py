@@ -143,33 +143,32 @@ def process_label(proc) -> str:
     return name
 
 
-def tree_pss_mb(pid: int, breakdown: bool = False) -> tuple[float, float, list[dict] | None]:
-    """(whole process tree, the root process alone) proportional set size, MB;
-    with `breakdown`, each process's share (anonymous memory vs the object
-    store's shared pages), largest first."""
+def tree_pss_mb(pid: int) -> tuple[float, float, list[dict]]:
+    """(whole process tree, the root process alone) proportional set size, MB,
+    and each process's share (anonymous memory vs the object store's shared
+    pages), largest first."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0.0, 0.0, None
+        return 0.0, 0.0, []
     total = own = 0.0
     parts = []
     for proc in procs:
         try:
             mem = smaps_rollup_mb(proc.pid)
-            label = process_label(proc) if breakdown else ""
+            label = process_label(proc)
         except (OSError, psutil.Error):
             continue
         total += mem.get("Pss", 0.0)
         if proc.pid == pid:
             own = mem.get("Pss", 0.0)
-        if breakdown:
-            parts.append({"process": label, "pid": proc.pid, "pss_mb": round(mem.get("Pss", 0.0)),
-                          "anon_mb": round(mem.get("Pss_Anon", 0.0)), "shmem_mb": round(mem.get("Pss_Shmem", 0.0))})
+        parts.append({"process": label, "pid": proc.pid, "pss_mb": round(mem.get("Pss", 0.0)),
+                      "anon_mb": round(mem.get("Pss_Anon", 0.0)), "shmem_mb": round(mem.get("Pss_Shmem", 0.0))})
     parts.sort(key=lambda p: -p["pss_mb"])
-    return total, own, parts if breakdown else None
+    return total, own, parts
 
 
 def committed(output: Path, table: str) -> int:
@@ -193,13 +192,13 @@ def run_engine(label: str, inputs: Path, output: Path, *overrides: str, kill_at_
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=WORK, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=open(WORK / f"{label}.log", "w"))
-    peak: dict = {"total": 0.0, "driver": 0.0, "breakdown": None}
+    peak: dict = {"total": 0.0, "driver": 0.0, "breakdown": []}
     first_clip = None
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            total, own, parts = tree_pss_mb(proc.pid, breakdown=True)
+            total, own, parts = tree_pss_mb(proc.pid)
             if total > peak["total"]:
                 peak["total"], peak["breakdown"] = total, parts
             peak["driver"] = max(peak["driver"], own)
@@ -231,7 +230,7 @@ def run_engine(label: str, inputs: Path, output: Path, *overrides: str, kill_at_
         "label": label, "wall_s": round(wall, 1), "first_clip_s": None if first_clip is None else round(first_clip, 1),
         "peak_mb": round(peak["total"]), "driver_peak_mb": round(peak["driver"]), "killed": killed,
         # Where the memory was at the peak: every process, largest first.
-        "peak_breakdown": peak["breakdown"] or [],
+        "peak_breakdown": peak["breakdown"],
     }
     if summary:
         result.update(videos=summary["videos"], clips=summary["clips"], commits=summary["run"]["commits"],

@@ -45,9 +45,14 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from omegaconf import OmegaConf
+
+        from engine.cli import CONFIG_DIR
+
         # Idle workers kept as a run's own local Ray keeps them (ray.spare_workers).
+        spare = OmegaConf.load(os.path.join(CONFIG_DIR, "config.yaml")).ray.spare_workers
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _system_config={"num_workers_soft_limit": 2 + 6})
+                 _system_config={"num_workers_soft_limit": 2 + int(spare)})
     yield ray
 
 

@@ -72,31 +72,25 @@ def decode_motion_vectors(
     ctx.thread_count = 1  # the skip decision must apply to exactly the packet sent next
     found: dict[int, np.ndarray | None] = {}
 
-    def take(frames: list[av.VideoFrame]) -> bool:
-        """Keep the vectors of the wanted frames; True if any was read."""
+    def take(frames: list[av.VideoFrame]) -> None:
         read = False
         for frame in frames:
             if frame.pts in wanted:
                 side = frame.side_data.get("MOTION_VECTORS")
                 found[frame.pts] = None if side is None else np.array(side.to_ndarray(), copy=True)
                 read = True
-        return read
-
-    def release(frames: list[av.VideoFrame]) -> None:
-        frames.clear()
-        collect_side_data_cycles()
+        if read:
+            del frame, side
+            frames.clear()
+            collect_side_data_cycles()
 
     for data, pts, dts in packets:
         ctx.skip_frame = "DEFAULT" if pts in wanted else "NONREF"
         packet = av.Packet(data)
         packet.pts, packet.dts = pts, dts
-        frames = ctx.decode(packet)
-        if take(frames):
-            release(frames)
+        take(ctx.decode(packet))
     ctx.skip_frame = "DEFAULT"
-    frames = ctx.decode(None)
-    if take(frames):
-        release(frames)
+    take(ctx.decode(None))
     return [found[i] for i in sorted(found) if found[i] is not None], len(found)
 
 
