@@ -180,6 +180,7 @@ def chromium_driver(tmp_path: Path):
 
 @pytest.mark.slow
 def test_in_a_real_browser(served, clips, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -188,7 +189,9 @@ def test_in_a_real_browser(served, clips, tmp_path):
     shots = tmp_path / "screenshots"
     shots.mkdir()
     try:
-        wait = WebDriverWait(driver, 60)
+        # Submitting a form loads a new page: an element found on the old one may go stale between finding it
+        # and reading it, which only means "not yet".
+        wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
 
         def previews_loaded() -> bool:
             return bool(driver.execute_script(
