@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -34,7 +35,7 @@ from engine.export import check_export_target, write_exports
 from engine.lance_io import FragmentWriter
 from engine.input_chunks import InputChunks
 from engine.ledger import drain_reports, report_uncut, reporting, start_ledger
-from engine.ray_session import cluster_resources, ensure_ray
+from engine.ray_session import cluster_resources, ensure_ray, largest_node_cpus
 from engine.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, encode, resume_mode
 from engine.schema import (
     CLIP_AESTHETIC_FIELDS,
@@ -197,7 +198,7 @@ def transcode_batch(step: StageStep, videos: int, cpus: float, gpus: float) -> i
     return max(1, min(int(step.batch_size), spread))
 
 
-def admission(cfg: DictConfig, cpus: float, video_steps: list[StageStep],
+def admission(cfg: DictConfig, cpus: float, gpus: float, video_steps: list[StageStep],
               clip_steps: list[StageStep]) -> tuple[int, int]:
     """(videos admitted at once, URIs per input chunk).
 
@@ -205,13 +206,34 @@ def admission(cfg: DictConfig, cpus: float, video_steps: list[StageStep],
     (never fused with the stage after it). Every stage waits for a full
     batch before it starts, and admitted videos can sit in each of those
     batches at once, so a limit below their sum plus a chunk could stall the
-    stream; it never goes below that."""
+    stream; it never goes below that. Unset, it is also large enough for
+    every transcode slot of the cluster to hold a batch at once."""
     configured = cfg.write.get("max_videos_in_flight")
-    wanted = int(configured) if configured else int(4 * cpus)
-    chunk = max(1, min(MAX_INPUT_CHUNK, wanted // 4))
     transcode = clip_steps[0]
-    floor = sum(s.batch_size or 1 for s in [*video_steps, transcode]) + chunk
+    upstream = sum(s.batch_size or 1 for s in video_steps)
+    if configured:
+        wanted = int(configured)
+    else:
+        slots = max(1, worker_slots(transcode, cpus, gpus))
+        wanted = max(int(4 * cpus), upstream + slots * (transcode.batch_size or 1))
+    chunk = max(1, min(MAX_INPUT_CHUNK, wanted // 4))
+    floor = upstream + (transcode.batch_size or 1) + chunk
     return max(wanted, floor), chunk
+
+
+def encoder_threads(step: StageStep, node_cpus: float) -> StageStep:
+    """`step` with `threads: 0` bounded on a big node.
+
+    x264's own choice is 1.5 threads per core of the node, for each of the
+    node's encoders: on a node with many transcode slots that is thousands
+    of threads, each holding frames. There, an encoder gets at most 4
+    threads per CPU its task holds; a small node keeps x264's choice."""
+    if step.params.get("threads") or step.num_gpus > 0:
+        return step
+    cap = max(2, math.ceil(4 * max(step.num_cpus, 0.25)))
+    if 1.5 * node_cpus <= cap:
+        return step
+    return dataclasses.replace(step, params={**step.params, "threads": cap})
 
 
 def open_output(store: OutputStore, cfg: DictConfig, run_id: str) -> tuple[set[str], dict[str, Any]]:
@@ -293,7 +315,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ray_start = time.perf_counter()
     cpus, gpus = cluster_resources()
     check_gpus([*video_steps, *clip_steps], gpus)
-    limit, chunk = admission(cfg, cpus, video_steps, clip_steps)
+    limit, chunk = admission(cfg, cpus, gpus, video_steps, clip_steps)
     # The ledger is also the stages' clock (one bookkeeping actor per run).
     ledger_name = f"reelsift_ledger_{run_id}"
     ledger = start_ledger(ledger_name, limit)
@@ -338,9 +360,9 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     transcode, *later_steps = clip_steps
     # Transcode keeps its own batch of videos: never fused with the clip stage
     # after it (whose batch of clips would become a batch of videos).
-    transcode = dataclasses.replace(transcode, cls=reporting(transcode.cls, ledger_name),
-                                    max_parallel=min(pending, limit), fuse=False,
-                                    batch_size=transcode_batch(transcode, pending, cpus, gpus))
+    transcode = dataclasses.replace(encoder_threads(transcode, largest_node_cpus()),
+                                    cls=reporting(transcode.cls, ledger_name), max_parallel=min(pending, limit),
+                                    fuse=False, batch_size=transcode_batch(transcode, pending, cpus, gpus))
     write_node = node_dict(cfg, "write")
     writer = StageStep.from_node("write", FragmentWriter, {"resources": write_node.get("resources") or {}}, params={
         "uri": store.layout.clips, "schema": store.clip_schema, "storage_options": store.storage_options})

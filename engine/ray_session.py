@@ -56,6 +56,11 @@ def cluster_resources() -> tuple[float, float]:
     return float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the cluster's largest live node (what one node's tasks share)."""
+    return max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=1.0) or 1.0
+
+
 def driver_node_strategy() -> Any:
     """Scheduling that keeps an actor on the driver's node: a run's
     bookkeeping actors must outlive any worker node, and when the driver's

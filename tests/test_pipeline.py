@@ -177,9 +177,47 @@ def test_transcode_batch_spreads_few_videos_over_the_cluster():
     from engine.stages import StageStep
     from udfs.media.transcode import ClipTranscoder
 
-    step = StageStep("transcode", ClipTranscoder, {}, num_cpus=2, batch_size=4)
-    assert transcode_batch(step, videos=60, cpus=2, gpus=0) == 4  # one slot: full batches
-    assert transcode_batch(step, videos=8, cpus=16, gpus=0) == 1  # eight slots, eight videos
-    assert transcode_batch(step, videos=20, cpus=16, gpus=0) == 3  # ceil(20 / 8)
+    step = StageStep("transcode", ClipTranscoder, {}, num_cpus=1, batch_size=8)
+    assert transcode_batch(step, videos=60, cpus=2, gpus=0) == 8  # two slots: full batches
+    assert transcode_batch(step, videos=10, cpus=2, gpus=0) == 5  # both slots busy
+    assert transcode_batch(step, videos=8, cpus=16, gpus=0) == 1  # sixteen slots, eight videos
+    assert transcode_batch(step, videos=40, cpus=16, gpus=0) == 3  # ceil(40 / 16)
     gpu_step = StageStep("transcode", ClipTranscoder, {}, num_cpus=2, num_gpus=1, batch_size=4)
     assert transcode_batch(gpu_step, videos=3, cpus=64, gpus=2) == 2
+
+
+def test_admission_fills_every_transcode_slot():
+    """Unset, the in-flight limit lets every transcode slot hold a full batch
+    (a 64-CPU node must not run half its encoders); set, it is honoured down
+    to one batch of each stage plus a chunk."""
+    from engine.curate import admission
+    from engine.stages import StageStep
+    from udfs.media.transcode import ClipTranscoder
+
+    video_steps = [StageStep("probe", object, {}, num_cpus=1, batch_size=8),
+                   StageStep("split", object, {}, num_cpus=0.25, batch_size=16)]
+    transcode = StageStep("transcode", ClipTranscoder, {}, num_cpus=1, batch_size=8)
+    cfg = config("input=x", "output=y")
+    limit, chunk = admission(cfg, 2, 0, video_steps, [transcode])
+    assert limit >= 8 + 16 + 2 * 8 and chunk >= 1
+    limit, _ = admission(cfg, 64, 0, video_steps, [transcode])
+    assert limit >= 64 * 8
+    capped = config("input=x", "output=y", "write.max_videos_in_flight=4")
+    limit, chunk = admission(capped, 64, 0, video_steps, [transcode])
+    assert limit == 8 + 16 + 8 + chunk
+
+
+def test_encoder_threads_bounded_on_a_big_node():
+    """x264 picks its threads on a small node; on a big one an encoder gets
+    at most 4 per CPU its task holds; a set value is kept."""
+    from engine.curate import encoder_threads
+    from engine.stages import StageStep
+    from udfs.media.transcode import ClipTranscoder
+
+    step = StageStep("transcode", ClipTranscoder, {"threads": 0}, num_cpus=1, batch_size=8)
+    assert encoder_threads(step, 2).params["threads"] == 0
+    assert encoder_threads(step, 64).params["threads"] == 4
+    two = StageStep("transcode", ClipTranscoder, {"threads": 0}, num_cpus=2, batch_size=8)
+    assert encoder_threads(two, 64).params["threads"] == 8
+    fixed = StageStep("transcode", ClipTranscoder, {"threads": 6}, num_cpus=1, batch_size=8)
+    assert encoder_threads(fixed, 64).params["threads"] == 6

@@ -25,10 +25,11 @@ from engine.uris import lance_storage_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Small clips, two rows per writer call, a commit as soon as a video is
-# complete: many commits in a few seconds of video.
+# Small clips, two videos per transcode task and two rows per writer call, a
+# commit as soon as a video is complete: many commits in a few seconds of video.
 SETTINGS = ["transcode.preset=ultrafast", "preview.enabled=false", "split.clip_len_s=2", "split.min_clip_s=1",
-            "write.commit_every_rows=1", "write.resources.batch_size=2", "ray.progress=false"]
+            "transcode.resources.batch_size=2", "write.commit_every_rows=1", "write.resources.batch_size=2",
+            "ray.progress=false"]
 
 
 def config(*overrides: str):
