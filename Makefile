@@ -19,7 +19,7 @@ install: $(VENV)/.installed-$(EXTRAS)
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/uv pip install -q -p $(BIN)/python $(UV_ARGS) -e ".[$(EXTRAS)]"
+	$(BIN)/uv pip install -q --compile-bytecode -p $(BIN)/python $(UV_ARGS) -e ".[$(EXTRAS)]"
 	touch $@
 
 sample: install
