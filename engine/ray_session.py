@@ -13,13 +13,27 @@ same command again redoes them (see docs/resilience.md).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 from typing import Any
 
 import ray
 
 log = logging.getLogger(__name__)
+
+
+def missing_bytecode() -> bool:
+    """True when Ray's modules have no compiled bytecode and Python will not
+    write any: then every process (the driver, each Ray daemon and worker)
+    compiles its imports from source, seconds of CPU each. uv installs
+    without bytecode unless asked (`--compile-bytecode`), and container
+    images often set PYTHONDONTWRITEBYTECODE."""
+    if not sys.dont_write_bytecode:
+        return False
+    source = ray.__file__
+    return not (source and os.path.exists(importlib.util.cache_from_source(source)))
 
 
 def ensure_ray(ray_cfg: Any) -> None:
@@ -47,6 +61,11 @@ def ensure_ray(ray_cfg: Any) -> None:
         if spare is not None:
             cpus = ray_cfg.get("num_cpus") or os.cpu_count() or 1
             kwargs["_system_config"] = {"num_workers_soft_limit": int(cpus) + int(spare)}
+    if missing_bytecode():
+        log.warning("the Python packages have no compiled bytecode and PYTHONDONTWRITEBYTECODE is set: every Ray "
+                    "worker compiles Ray, Ray Data and pandas from source at start-up (seconds of CPU each). "
+                    "Install with `uv pip install --compile-bytecode` (UV_COMPILE_BYTECODE=1) or run "
+                    "`python -m compileall` over site-packages")
     log.info("starting Ray: %s", kwargs)
     ray.init(**kwargs)
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import lance
 import pytest
@@ -221,3 +222,25 @@ def test_encoder_threads_bounded_on_a_big_node():
     assert encoder_threads(two, 64).params["threads"] == 8
     fixed = StageStep("transcode", ClipTranscoder, {"threads": 6}, num_cpus=1, batch_size=8)
     assert encoder_threads(fixed, 64).params["threads"] == 6
+
+
+def test_missing_bytecode_is_noticed(tmp_path, monkeypatch):
+    """Without compiled bytecode and with PYTHONDONTWRITEBYTECODE, every Ray
+    worker compiles its imports: the engine says so before starting Ray."""
+    import importlib.util
+
+    import ray
+
+    from engine import ray_session
+
+    module = tmp_path / "fake_ray.py"
+    module.write_text("x = 1\n")
+    monkeypatch.setattr(ray, "__file__", str(module))
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    assert not ray_session.missing_bytecode()  # Python writes its own cache
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    assert ray_session.missing_bytecode()
+    cached = Path(importlib.util.cache_from_source(str(module)))
+    cached.parent.mkdir()
+    cached.write_bytes(b"")
+    assert not ray_session.missing_bytecode()
