@@ -210,14 +210,14 @@ def admission(cfg: DictConfig, cpus: float, gpus: float, video_steps: list[Stage
     every transcode slot of the cluster to hold a batch at once."""
     configured = cfg.write.get("max_videos_in_flight")
     transcode = clip_steps[0]
+    batch = transcode.batch_size or 1
     upstream = sum(s.batch_size or 1 for s in video_steps)
     if configured:
         wanted = int(configured)
     else:
-        slots = max(1, worker_slots(transcode, cpus, gpus))
-        wanted = max(int(4 * cpus), upstream + slots * (transcode.batch_size or 1))
+        wanted = max(int(4 * cpus), upstream + max(1, worker_slots(transcode, cpus, gpus)) * batch)
     chunk = max(1, min(MAX_INPUT_CHUNK, wanted // 4))
-    floor = upstream + (transcode.batch_size or 1) + chunk
+    floor = upstream + batch + chunk
     return max(wanted, floor), chunk
 
 
@@ -230,7 +230,7 @@ def encoder_threads(step: StageStep, node_cpus: float) -> StageStep:
     threads per CPU its task holds; a small node keeps x264's choice."""
     if step.params.get("threads") or step.num_gpus > 0:
         return step
-    cap = max(2, math.ceil(4 * max(step.num_cpus, 0.25)))
+    cap = max(2, math.ceil(4 * step.num_cpus))
     if 1.5 * node_cpus <= cap:
         return step
     return dataclasses.replace(step, params={**step.params, "threads": cap})
