@@ -13,6 +13,7 @@ same command again redoes them (see docs/resilience.md).
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
@@ -68,6 +69,30 @@ def ensure_ray(ray_cfg: Any) -> None:
                     "`python -m compileall` over site-packages")
     log.info("starting Ray: %s", kwargs)
     ray.init(**kwargs)
+    if kwargs.get("address") == "local":
+        # Registered after Ray's own exit hook, so it runs first.
+        atexit.register(stop_local_ray)
+
+
+def stop_local_ray() -> None:
+    """Stop the Ray this process started, ~1.5 s sooner than Ray's own exit
+    hook, which first sleeps 0.5 s, then terminates its processes one by one
+    and gives each up to a second: the autoscaler monitor, terminated after
+    the GCS, spends that whole second trying to tell the GCS it was stopped.
+    The monitor holds nothing a finished local run needs, so it is killed
+    first. Every command paid this on exit, on top of the work."""
+    if not ray.is_initialized():
+        return
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's own handle on what it started
+    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+        process = getattr(info, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            try:
+                process.wait(timeout=1)
+            except Exception:  # Ray's shutdown below kills and reaps it anyway
+                pass
+    ray.shutdown()
 
 
 def cluster_resources() -> tuple[float, float]:

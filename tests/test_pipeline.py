@@ -244,3 +244,43 @@ def test_missing_bytecode_is_noticed(tmp_path, monkeypatch):
     cached.parent.mkdir()
     cached.write_bytes(b"")
     assert not ray_session.missing_bytecode()
+
+
+STOP_SCRIPT = """
+import json, os, sys
+from omegaconf import OmegaConf
+import ray
+from engine.ray_session import ensure_ray, stop_local_ray
+ensure_ray(OmegaConf.create({"num_cpus": 1, "progress": False}))
+assert ray.get(ray.remote(lambda: 7).remote()) == 7
+started = {kind: [info.process for info in infos]
+           for kind, infos in ray._private.worker._global_node.all_processes.items()}
+stop_local_ray()
+print(json.dumps({"initialized": ray.is_initialized(),
+                  "monitor_returncode": started["monitor"][0].returncode,
+                  "pids": [p.pid for procs in started.values() for p in procs]}))
+"""
+
+
+def test_a_local_ray_is_stopped_whole_without_the_monitors_wait():
+    """The Ray a command starts goes with it: every process it started is
+    gone, and the autoscaler monitor is killed first rather than terminated
+    after the GCS (where it waited out Ray's one-second grace period on every
+    command's exit)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", STOP_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["initialized"] is False
+    assert report["monitor_returncode"] == -9  # ours; Ray's own shutdown sends SIGTERM
+    still = []
+    for pid in report["pids"]:
+        try:
+            os.kill(pid, 0)
+            # A zombie of a process Ray started is gone in all but name.
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1][0] != "Z":
+                    still.append(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    assert not still, f"Ray processes outlived the command: {still}"
