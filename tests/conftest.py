@@ -128,7 +128,14 @@ def training_output(ray_session, tmp_path_factory) -> Path:
     summary = run(cfg)
     (root / "curate_summary.json").write_text(json.dumps(summary, default=str))
     clips = lance.dataset(str(out / "clips.lance"))
-    rows = clips.to_table(columns=["clip_id", "num_frames"]).sort_by("clip_id").to_pylist()
+    # In video then time order, not clip id order: ids hash the input path,
+    # which holds pytest's numbered tmp folder, so rows[1] and rows[2] (the
+    # duplicate and the filtered clip) were different clips from one run to
+    # the next, and sometimes both 60-frame clips, leaving no long clip and
+    # one resolution bin fewer in the curated view. Now both are clips of
+    # the 25 fps video (the first path), which keeps one of its three.
+    rows = clips.to_table(columns=["clip_id", "num_frames", "source_uri", "start_frame"]).sort_by(
+        [("source_uri", "ascending"), ("start_frame", "ascending")]).to_pylist()
     rng = np.random.default_rng(0)
     windows = [[{"start_frame": 0, "end_frame": r["num_frames"] // 2, "caption": f"first half of {r['clip_id']}",
                  "caption_enhanced": f"the rich first half of {r['clip_id']}"},
