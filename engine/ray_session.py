@@ -83,8 +83,10 @@ def stop_local_ray() -> None:
     first. Every command paid this on exit, on top of the work."""
     if not ray.is_initialized():
         return
+    from ray._private.ray_constants import PROCESS_TYPE_MONITOR
+
     node = getattr(ray._private.worker, "_global_node", None)  # Ray's own handle on what it started
-    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+    for info in (getattr(node, "all_processes", None) or {}).get(PROCESS_TYPE_MONITOR, []):
         process = getattr(info, "process", None)
         if process is not None and process.poll() is None:
             process.kill()

@@ -247,7 +247,7 @@ def test_missing_bytecode_is_noticed(tmp_path, monkeypatch):
 
 
 STOP_SCRIPT = """
-import json, os, sys
+import json
 from omegaconf import OmegaConf
 import ray
 from engine.ray_session import ensure_ray, stop_local_ray
