@@ -37,28 +37,14 @@ from engine.input_chunks import InputChunks
 from engine.ledger import drain_reports, report_uncut, reporting, start_ledger
 from engine.ray_session import cluster_resources, ensure_ray, largest_node_cpus
 from engine.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, encode, resume_mode
-from engine.schema import (
-    CLIP_AESTHETIC_FIELDS,
-    CLIP_CAPTION_FIELDS,
-    CLIP_FILTER_FIELDS,
-    CLIP_MOTION_FIELDS,
-    clip_embedding_fields,
-    clip_schema,
-    video_id_for,
-)
+from engine.schema import CLIP_FILTER_FIELDS, clip_schema, video_id_for
 from engine.stages import StageStep, apply_stage, check_gpus, fit_to_cluster, node_dict, stage_params, worker_slots
 from engine.uris import READ_RETRIES_KEY, chunked, iter_inputs, lance_storage_options
+from udfs import registry
 from udfs.analysis.filtering import finalize_filter_columns
+from udfs.spec import StageSpec
 
 log = logging.getLogger(__name__)
-
-# Implementations by config name, imported only when selected, so a run never
-# loads the models (or GPU libraries) of stages it does not use.
-SPLITTERS = {
-    "fixed_stride": "udfs.split.fixed_stride:FixedStrideSplit",
-    "transnetv2": "udfs.split.scenes:TransNetV2Split",
-    "content": "udfs.split.scenes:ContentSplit",
-}
 
 # URIs per input chunk (one read task), at most: the unit the ledger admits.
 # A quarter of the in-flight limit, so admission stays fine-grained.
@@ -75,101 +61,113 @@ def stage_storage_options(cfg: DictConfig) -> dict[str, Any]:
     return options
 
 
-def plan_video_stages(cfg: DictConfig, num_videos: int | None) -> list[StageStep]:
-    storage = {"storage_options": stage_storage_options(cfg)}
-    split_name = cfg.split.name
-    if split_name not in SPLITTERS:
-        raise ValueError(f"unknown split={split_name!r}; choose one of {sorted(SPLITTERS)}")
-    split_params: dict[str, Any] = {}
-    if "storage_options" in cfg.split:
-        split_params.update(storage)
-    weights = cfg.split.get("weights")
-    if weights and not os.path.exists(str(weights)):
-        # A hub id: download once here rather than in every actor.
+def _dotted(params: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str]:
+    """(the dict holding dotted `key`, its last part); None when a level is missing."""
+    *parents, leaf = key.split(".")
+    holder: Any = params
+    for part in parents:
+        holder = holder.get(part) if isinstance(holder, dict) else None
+    return (holder if isinstance(holder, dict) else None), leaf
+
+
+def resolve_models(spec: StageSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the spec's models resolved on the driver: a hub id is
+    downloaded once here rather than in every actor, a missing folder or file
+    fails the run before any video is decoded, naming it."""
+    if not (spec.models or spec.weights or spec.files):
+        return params
+    import copy
+
+    out = copy.deepcopy(params)
+    if spec.models or spec.weights:
         from udfs.models.loading import resolve_model
 
-        split_params["weights"] = resolve_model(str(weights), revision=cfg.split.get("revision"))
-    return [
-        StageStep.from_node("probe", "udfs.media.probe:ProbeVideos", cfg.probe, params=storage, max_parallel=num_videos),
-        StageStep.from_node(f"split_{split_name}", SPLITTERS[split_name], cfg.split, params=split_params,
-                            max_parallel=num_videos),
-    ]
+    for key in spec.models:
+        holder, leaf = _dotted(out, key)
+        if holder is not None and holder.get(leaf):
+            holder[leaf] = resolve_model(str(holder[leaf]), revision=holder.get("revision"))
+    for key in spec.weights:  # a weights file or folder as it is, else a hub id
+        holder, leaf = _dotted(out, key)
+        if holder is not None and holder.get(leaf) and not os.path.exists(str(holder[leaf])):
+            holder[leaf] = resolve_model(str(holder[leaf]), revision=holder.get("revision"))
+    for key in spec.files:
+        holder, leaf = _dotted(out, key)
+        path = holder.get(leaf) if holder is not None else None
+        if not path or not os.path.exists(str(path)):
+            raise FileNotFoundError(f"{spec.node}.{key} not found: {path!r}")
+        # Absolute: actors may not share the driver's working directory.
+        holder[leaf] = os.path.abspath(str(path))
+    return out
 
 
-def _require_file(path: str | None, what: str) -> str:
-    if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path!r}")
-    return path
+def stage_step(cfg: DictConfig, spec: StageSpec, **extra: Any) -> StageStep:
+    """The Ray Data step of a registered stage, from its config node: the
+    node's keys, the arguments the engine supplies, its models resolved."""
+    node = node_dict(cfg, spec.node)
+    params = {k: v for k, v in stage_params(node).items() if k not in spec.engine_only}
+    for key in spec.supplied:
+        if key == "storage_options":
+            params[key] = stage_storage_options(cfg)
+        elif key == "name":
+            params[key] = node["name"]
+        elif key in registry.NODES:  # a node that feeds this stage (motion, preview)
+            params[key] = node_dict(cfg, key)
+    params.update(extra)
+    params = resolve_models(spec, params)
+    return StageStep.from_node(spec.step or spec.node, spec.impl, {"resources": node.get("resources") or {}},
+                               params=params, extra_fields=spec.added_columns(params))
+
+
+def active_specs(cfg: DictConfig, level: str) -> list[StageSpec]:
+    """The registered stages of `level` this config turns on, in pipeline order
+    (stages without a class of their own, and the frame decode, excluded)."""
+    out = []
+    for node in registry.NODES:
+        data = node_dict(cfg, node)
+        spec = registry.spec_for(node, data)
+        if spec is not None and spec.level == level and spec.is_on(data):
+            out.append(spec)
+    return out
+
+
+def plan_video_stages(cfg: DictConfig, num_videos: int | None) -> list[StageStep]:
+    """Probe, then the split the config names."""
+    return [dataclasses.replace(stage_step(cfg, spec), max_parallel=num_videos)
+            for spec in active_specs(cfg, "video") if spec.impl]
 
 
 def plan_clip_stages(cfg: DictConfig, num_videos: int | None) -> list[StageStep]:
-    """Transcode (with the motion scores), then (when a model stage needs
-    frames) one decode of each clip for them, then the model stages.
+    """Transcode (with the motion scores and previews of the nodes that feed
+    it), then (when a model stage needs frames) one decode of each clip for
+    them, then the model stages.
 
     Models are resolved here, on the driver, before any video is decoded: a
     missing path fails the run at once, and a hub id downloads once. (Model
     loading imports torch, ~2 s: only runs with a model stage pay for it.)"""
-    preview = node_dict(cfg, "preview")
-    motion, aesthetic, embed, caption = (node_dict(cfg, k) for k in ("motion", "aesthetic", "embed", "caption"))
-    motion_on = motion.get("mode", "disable") != "disable"
-    steps = [
-        # Transcode works per video; the stages after it see clips. It scores
-        # motion from the clips' own packets (no second decode of each clip).
-        StageStep.from_node("transcode", "udfs.media.transcode:ClipTranscoder", cfg.transcode,
-                            params={"preview": preview, "motion": motion if motion_on else None,
-                                    "storage_options": stage_storage_options(cfg)},
-                            extra_fields=CLIP_MOTION_FIELDS if motion_on else [], max_parallel=num_videos),
-    ]
-    frames = node_dict(cfg, "frames")
-    consumers_cfg = dict(frames.get("consumers") or {})
+    specs = active_specs(cfg, "clip")
+    transcode = [stage_step(cfg, s) for s in specs if s.node == "transcode"]
+    # Columns of the nodes that feed transcode (the motion scores) are its own.
+    fed = [f for s in specs if s.impl is None for f in s.added_columns(node_dict(cfg, s.node))]
+    transcode = [dataclasses.replace(transcode[0], extra_fields=[*transcode[0].extra_fields, *fed],
+                                     max_parallel=num_videos)]
     consumers: dict[str, Any] = {}
     model_steps: list[StageStep] = []
-
-    if aesthetic.get("enabled"):
-        from udfs.models.loading import resolve_model
-
-        params = stage_params(aesthetic)
-        params["model"] = resolve_model(str(params["model"]), revision=params.get("revision"))
-        # Absolute: actors may not share the driver's working directory.
-        params["head"] = os.path.abspath(_require_file(params.get("head"), "aesthetic head (aesthetic.head)"))
-        consumers[params.get("consumer", "aesthetic")] = consumers_cfg.get("aesthetic")
-        model_steps.append(StageStep.from_node("aesthetic", "udfs.analysis.aesthetic:AestheticScorer", aesthetic, params=params,
-                                               extra_fields=CLIP_AESTHETIC_FIELDS))
-    if embed.get("name", "none") != "none":
-        from udfs.models.embed import EMBED_STAGES, embedding_dim
-
-        if embed["name"] not in EMBED_STAGES:
-            raise ValueError(f"unknown embed={embed['name']!r}; choose one of {['none', *EMBED_STAGES]}")
-        from udfs.models.loading import resolve_stage_models
-
-        params = resolve_stage_models(stage_params(embed))
-        params["name"] = embed["name"]
-        consumers["embed"] = embed.get("frames")
-        dim = embedding_dim(embed["name"], params["model"])
-        model_steps.append(StageStep.from_node("embed", EMBED_STAGES[embed["name"]], embed, params=params,
-                                               extra_fields=clip_embedding_fields(dim)))
-    if caption.get("name", "none") != "none":
-        from udfs.models.caption import CAPTION_STAGES
-
-        if caption["name"] not in CAPTION_STAGES:
-            raise ValueError(f"unknown caption={caption['name']!r}; choose one of {['none', *CAPTION_STAGES]}")
-        from udfs.models.loading import resolve_stage_models
-
-        params = resolve_stage_models(stage_params(caption))
-        consumers["caption"] = caption.get("frames")
-        model_steps.append(StageStep.from_node("caption", CAPTION_STAGES[caption["name"]], caption, params=params,
-                                               extra_fields=CLIP_CAPTION_FIELDS))
-
+    for spec in specs:
+        if spec.impl is None or spec.node == "transcode" or spec.serves_frames:
+            continue
+        model_steps.append(stage_step(cfg, spec))
+        if spec.frames:
+            holder, leaf = _dotted(node_dict(cfg, spec.frames.split(".")[0]), spec.frames.split(".", 1)[1])
+            consumer = model_steps[-1].params.get("consumer", spec.frame_consumer)
+            consumers[consumer] = holder.get(leaf) if holder is not None else None
+    steps = transcode
     if consumers:
-        missing = [name for name, spec in consumers.items() if not spec]
+        missing = [name for name, frame_spec in consumers.items() if not frame_spec]
         if missing:
             raise ValueError(f"no frame spec for consumer(s) {missing}: set frames.consumers.aesthetic, "
                              "embed.frames or caption.frames")
-        analysis = StageStep.from_node(
-            "clip_analysis", "udfs.analysis.clip_analysis:ClipAnalysis", cfg.frames,
-            params={"consumers": consumers, "motion": None},
-        )
-        steps.append(analysis)
+        decode = next(s for s in registry.STAGES if s.serves_frames)
+        steps.append(stage_step(cfg, decode, consumers=consumers, motion=None))
     return steps + model_steps
 
 

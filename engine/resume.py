@@ -17,58 +17,49 @@ from typing import Any
 from omegaconf import DictConfig
 
 from engine.stages import node_dict
+from udfs.registry import NODES, choices, spec_for
+from udfs.spec import StageSpec
 
 # Schema metadata key of the clip table holding `clip_settings` as JSON.
 SETTINGS_KEY = "reelsift.clip_settings"
-
-# Config nodes whose settings shape the clips and their columns.
-CLIP_NODES = ("split", "transcode", "preview", "motion", "frames", "aesthetic", "embed", "caption")
-
-# Keys that change speed, placement or memory, never the output.
-RUNTIME_KEYS = frozenset({
-    "resources", "storage_options", "threads", "decode_threads", "decode_workers", "prefetch_videos",
-    "torch_threads", "batch_size", "frame_batch_size", "model_batch_size", "gpu_decode", "video_workers",
-    "thread_type",
-})
-
-# The key that turns a node off, and the value meaning "off"; an off node's
-# other settings do not matter.
-_SWITCHES = {"preview": ("enabled", False), "aesthetic": ("enabled", False), "embed": ("name", "none"),
-             "caption": ("name", "none"), "motion": ("mode", "disable")}
-
 
 class ResumeError(RuntimeError):
     """The output cannot be resumed with this config."""
 
 
 def clip_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The settings of `cfg` that define the clips, as flat dotted keys."""
-    nodes = {name: node_dict(cfg, name) for name in CLIP_NODES}
-    active = {name: _is_on(name, data) for name, data in nodes.items()}
-    # Frames are extracted only for the model stages (motion is scored from
-    # the transcode's own packets).
-    active["frames"] = any(active[n] for n in ("aesthetic", "embed", "caption"))
+    """The settings of `cfg` that define the clips, as flat dotted keys.
+
+    Derived from the stage registry: every registered node's keys except its
+    runtime keys; an off stage records only its switch. The clip decode's
+    settings matter only while a stage that takes its frames is on."""
+    nodes = {name: node_dict(cfg, name) for name in NODES if cfg.get(name) is not None}
+    specs = {name: spec_for(name, data) for name, data in nodes.items()}
+    active = {name: spec is not None and spec.is_on(nodes[name]) for name, spec in specs.items()}
+    wants_frames = any(active[n] and spec.frames for n, spec in specs.items() if spec)
     out: dict[str, Any] = {}
     for name, data in nodes.items():
-        if not active[name]:
-            key, _ = _SWITCHES.get(name, (None, None))
+        spec = specs[name]
+        on = active[name] and (wants_frames if spec.serves_frames else True)
+        if not on:
+            key = _switch_key(name, spec)
             data = {key: data[key]} if key in data else {}
-        _flatten(data, name, out)
+        _flatten(data, name, out, spec.runtime() if spec else frozenset())
     return out
 
 
-def _is_on(name: str, data: dict[str, Any]) -> bool:
-    if name not in _SWITCHES:
-        return True
-    key, off = _SWITCHES[name]
-    return data.get(key, off) != off
+def _switch_key(node: str, spec: StageSpec | None) -> str | None:
+    if spec is not None and spec.switch:
+        return spec.switch[0]
+    # A group node set to its "none" choice (no spec): its switch is `name`.
+    return next((s.switch[0] for s in choices(node).values() if s.switch), None)
 
 
-def _flatten(data: Any, prefix: str, out: dict[str, Any]) -> None:
+def _flatten(data: Any, prefix: str, out: dict[str, Any], runtime: frozenset[str]) -> None:
     if isinstance(data, dict):
         for key, value in data.items():
-            if key not in RUNTIME_KEYS:
-                _flatten(value, f"{prefix}.{key}", out)
+            if key not in runtime:
+                _flatten(value, f"{prefix}.{key}", out, runtime)
     else:
         out[prefix] = data
 

@@ -534,7 +534,10 @@ def _load_embed_stage(name: str, model: str, revision: str | None, device: str,
     except ModelNotFoundError as exc:
         raise CapabilityError(f"cannot load the table's embedding model: {exc}; pass model=PATH to "
                               "engine.search.open") from None
-    return EMBED_STAGES[name](model=folder, device=device, frames=dict(frames))
+    # Queries are a frame or a few: one forward pass, nothing filtered, the
+    # folder already resolved (so no revision to pin again).
+    return EMBED_STAGES[name](model=folder, device=device, dtype="auto", frames=dict(frames), frame_batch_size=64,
+                              skip_filtered=False, revision=None)
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

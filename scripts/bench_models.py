@@ -104,7 +104,8 @@ def bench_embed(workdir: Path, *, device: str, clip_kwargs: dict, size: int, num
     t0 = time.perf_counter()
     model_dir = build_clip(workdir / f"clip_{label}", **clip_kwargs)
     build_s = time.perf_counter() - t0
-    stage = ClipEmbedStage(model=model_dir, device=device, frames={"count": 8}, frame_batch_size=64)
+    stage = ClipEmbedStage(model=model_dir, device=device, dtype="auto", frames={"count": 8}, frame_batch_size=64,
+                           skip_filtered=False, revision=None)
     emb = stage.embedder
     source = synthetic_frames(workdir, 64, size, size)
     clips = [(source[(k * 7 + np.arange(8) * 8) % len(source)], list(range(0, 64, 8))) for k in range(num_clips)]

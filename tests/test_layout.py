@@ -46,8 +46,19 @@ def imports_of(module: str) -> set[str]:
 
 
 def test_every_package_has_its_families():
+    # The families, plus what every stage declares itself with (spec) and
+    # where those declarations are collected (registry).
     assert {m for m in modules("udfs") if m.count(".") == 1} == {
-        "udfs.analysis", "udfs.dedup", "udfs.media", "udfs.models", "udfs.split"}
+        "udfs.analysis", "udfs.dedup", "udfs.media", "udfs.models", "udfs.split", "udfs.registry", "udfs.spec"}
+
+
+def test_reading_the_registry_loads_no_stage():
+    # Specs are data: the engine reads them for every run (plans, resume),
+    # so they must not import PyAV, torch or a stage module.
+    code = ("import sys, udfs.registry; heavy = [m for m in ('av', 'torch', 'transformers', 'udfs.media.transcode', "
+            "'udfs.models.embed', 'udfs.split.scenes') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("module", modules("udfs"))

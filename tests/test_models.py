@@ -17,6 +17,11 @@ from udfs.models.loading import ModelNotFoundError, pick_dtype, resolve_model, r
 from udfs.models.qwen_vision import QwenVideoPatcher
 from udfs.media.video import decode_rgb, pack_frames
 
+# conf/embed/clip.yaml's settings (the stage constructors take no defaults of their own).
+EMBED_CONF = {"device": "auto", "dtype": "auto", "frames": None, "frame_batch_size": 64, "skip_filtered": False,
+              "revision": None}
+
+
 torch.set_num_threads(1)
 
 FPS = 30
@@ -88,7 +93,7 @@ def test_missing_model_fails_fast_with_path(tmp_path, models) -> None:
     with pytest.raises(ModelNotFoundError, match=str(missing)):
         resolve_stage_models({"model": str(missing)})
     with pytest.raises(ModelNotFoundError, match=str(missing)):
-        EmbedStage(name="clip", model=str(missing))
+        EmbedStage(**EMBED_CONF, name="clip", model=str(missing))
     with pytest.raises(ModelNotFoundError, match=str(missing)):
         CaptionStage(model=str(missing))
     with pytest.raises(ModelNotFoundError, match=str(missing)):
@@ -123,7 +128,7 @@ def test_cpu_dtype_is_fp32() -> None:
 @pytest.mark.parametrize("kind, dim", [("clip", 24), ("siglip", 32)])
 def test_embed_stage_vectors(models, videos, kind, dim) -> None:
     assert embedding_dim("clip", models[kind]) == dim
-    stage = EmbedStage(name="clip", model=models[kind], frames={"policy": "uniform", "count": 8, "size": 32})
+    stage = EmbedStage(**{**EMBED_CONF, "frames": {"policy": "uniform", "count": 8, "size": 32}}, name="clip", model=models[kind])
     batch = clip_table(embed_rows(videos))
     out = stage(batch)
 
@@ -159,7 +164,7 @@ def test_clip_embedding_matches_direct_model_call(models, videos) -> None:
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_text_query_embeds_into_clip_space(models, kind) -> None:
-    stage = EmbedStage(name="clip", model=models[kind])
+    stage = EmbedStage(**EMBED_CONF, name="clip", model=models[kind])
     q = stage.embed_text(["a cat on a red mat", "a car at sunset"])
     assert q.shape == (2, stage.dim) and q.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
@@ -168,7 +173,7 @@ def test_text_query_embeds_into_clip_space(models, kind) -> None:
 
 def test_unknown_embedder_name(models) -> None:
     with pytest.raises(ValueError, match="unknown embedder"):
-        EmbedStage(name="nope", model=models["clip"])
+        EmbedStage(**EMBED_CONF, name="nope", model=models["clip"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -349,7 +354,8 @@ def test_cosmos_embed1_stage_on_remote_code_checkpoint(standin, videos) -> None:
     video batches, text tower) on a tiny checkpoint with the same API."""
     from udfs.models.embed import EMBED_STAGES
 
-    stage = EMBED_STAGES["cosmos_embed1"](model=standin, frames={"policy": "uniform", "count": 8, "size": 32})
+    stage = EMBED_STAGES["cosmos_embed1"](**{**EMBED_CONF, "frames": {"policy": "uniform", "count": 8, "size": 32}},
+                                           model=standin)
     assert stage.embedder.num_frames == 8 and stage.dim == 16
     rows = embed_rows(videos, count=12)  # more frames than the model takes: resampled to 8
     out = stage(clip_table(rows))
@@ -423,6 +429,6 @@ def test_filtered_clips_are_skipped(models, videos) -> None:
     rows = CaptionStage(model=models["qwen_vl"], max_new_tokens=1, temperature=0.0)(table).to_pylist()
     assert rows[0]["caption_windows"] is None and rows[0]["error"] is None
     assert [(w["start_frame"], w["end_frame"]) for w in rows[1]["caption_windows"]] == [(0, 90)]
-    emb = EmbedStage(name="clip", model=models["clip"], skip_filtered=True)
+    emb = EmbedStage(**{**EMBED_CONF, "skip_filtered": True}, name="clip", model=models["clip"])
     out = emb(clip_table(embed_rows(videos)[:2]).append_column("passed", pa.array([True, False])))
     assert out.column("embedding").to_pylist()[1] is None and out.column("embedding")[0].as_py() is not None

@@ -274,7 +274,7 @@ def test_content_split_finds_hard_cuts(cut_videos) -> None:
 def test_content_scores_ignore_motion_and_flag_dissolves(tmp_path) -> None:
     # One continuous moving shot: nothing crosses the threshold.
     path = write_video(tmp_path / "one_shot.mp4", width=160, height=90, fps=24, num_frames=96)
-    scores = content_scores(decode_small_cpu(str(path), 64, 36), 24.0)
+    scores = content_scores(decode_small_cpu(str(path), 64, 36), 24.0, gradual_s=1.0)
     assert scores.max() < 0.2
     # A 12-frame dissolve and a 24-frame fade through black are found near their centres.
     path, cuts = write_transition_video(tmp_path / "gradual.mp4", scenes=[72, 72, 72],

@@ -136,7 +136,7 @@ class ClipAnalysis:
         *,
         consumers: Mapping[str, Mapping[str, Any]] | None = None,
         motion: Mapping[str, Any] | MotionSettings | None = None,
-        decode_threads: int = DEFAULT_DECODE_THREADS,
+        decode_threads: int = 1,
     ) -> None:
         self.specs = parse_consumers(consumers)
         if motion is None:

@@ -325,7 +325,7 @@ class ClipTranscoder:
         self.preview_fps = float(preview.get("fps", 1.0))
         self.preview_height = int(preview.get("height", 240))
         self.preview_quality = int(preview.get("quality", 50))
-        self.preview_method = int(preview.get("method", 4))
+        self.preview_method = int(preview.get("method", 2))
         if isinstance(motion, MotionSettings) or motion is None:
             self.motion = motion if motion is not None and motion.enabled else None
         else:

@@ -224,12 +224,12 @@ class EmbedStage:
         *,
         name: str,
         model: str,
-        device: str = "auto",
-        dtype: str = "auto",
-        frames: dict[str, Any] | None = None,
-        frame_batch_size: int = 64,
-        skip_filtered: bool = False,
-        revision: str | None = None,
+        device: str,
+        dtype: str,
+        frames: dict[str, Any] | None,
+        frame_batch_size: int,
+        skip_filtered: bool,
+        revision: str | None,
     ) -> None:
         self.name = name
         self.skip_filtered = skip_filtered

@@ -106,7 +106,7 @@ def gradual_strength(hist: np.ndarray, pixel_step: np.ndarray, k: int) -> np.nda
     return out
 
 
-def content_scores(frames: np.ndarray, fps: float, *, gradual_s: float | None = 1.0) -> np.ndarray:
+def content_scores(frames: np.ndarray, fps: float, *, gradual_s: float | None) -> np.ndarray:
     """(N, H, W, 3) uint8 frames -> (N,) float32 transition scores in [0, 1]."""
     n = len(frames)
     scores = np.zeros(n, dtype=np.float32)
