@@ -35,7 +35,7 @@ def prepare_sample(cfg: DictConfig) -> None:
     target = Path(str(cfg.input))
     if target.is_dir() and any(target.iterdir()):
         return
-    from engine.synth import make_sample_set
+    from engine.sample import make_sample_set
 
     log.info("generating the built-in sample videos in %s", target)
     make_sample_set(target)

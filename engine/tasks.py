@@ -1,6 +1,6 @@
 """The tasks `python -m engine` can run, and running several in a row.
 
-Each task is a module of `engine` with `run(cfg) -> summary`. A run's
+Each task is a package of `engine` with `run(cfg) -> summary`. A run's
 `task.steps` lists the tasks to run, in order, on one output folder and one
 Ray session (`task=dedup` is `[dedup]`; `+experiment=full` chains several).
 """

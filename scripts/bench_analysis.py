@@ -29,7 +29,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.synth import write_video  # noqa: E402
+from engine.sample import write_video  # noqa: E402
 from udfs.analysis.clip_analysis import ClipAnalysis  # noqa: E402
 from udfs.media.video import decode_rgb_bytes  # noqa: E402
 

@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.clip_frames import FrameSpec, plan_indices, resize_geometry  # noqa: E402
-from engine.data import ClipDataset, sample_rng, worker_context  # noqa: E402
+from engine.training.clip_frames import FrameSpec, plan_indices, resize_geometry  # noqa: E402
+from engine.training.dataset import ClipDataset, sample_rng, worker_context  # noqa: E402
 
 
 def make_table(root: Path, count: int, width: int, height: int, fps: int, seconds: float) -> list[Path]:
@@ -47,8 +47,8 @@ def make_table(root: Path, count: int, width: int, height: int, fps: int, second
     import lance
     import pyarrow as pa
 
-    from engine.schema import CLIP_CAPTION_FIELDS, CLIP_FILTER_FIELDS, clip_id_for, clip_schema, conform
-    from engine.synth import write_video
+    from udfs.schema import CLIP_CAPTION_FIELDS, CLIP_FILTER_FIELDS, clip_id_for, clip_schema, conform
+    from engine.sample import write_video
 
     paths, rows = [], []
     for i in range(count):

@@ -37,8 +37,8 @@ import torch
 # Run as a script, the repo root (for `scripts.random_models`) is not on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.schema import frame_fields  # noqa: E402
-from engine.synth import write_video
+from udfs.schema import frame_fields  # noqa: E402
+from engine.sample import write_video
 from scripts.random_models import build_clip, build_qwen2_5_vl
 from udfs.models.caption import CaptionStage, Window, window_spans
 from udfs.models.embed import ClipEmbedStage, l2_normalize, _features

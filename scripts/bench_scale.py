@@ -6,7 +6,7 @@ Every run is the real command (`python -m engine ...`) in a fresh process
 with its own local Ray, so times include Ray's start-up and memory is the
 whole process tree (driver, raylet, GCS, workers; proportional set size, so
 the object store's shared pages count once). Inputs are synthetic
-(engine.synth) and generated before any timing.
+(engine.sample) and generated before any timing.
 
     .venv/bin/python scripts/bench_scale.py --prepare            # inputs only (shared CPU lock)
     flock -x /tmp/reelsift-cpu.lock .venv/bin/python scripts/bench_scale.py --scenario short
@@ -57,7 +57,7 @@ SHORT_N = 200
 # ------------------------------------------------------------------ inputs
 
 def short_set() -> Path:
-    from engine.synth import write_video
+    from engine.sample import write_video
 
     root = WORK / "inputs" / "short"
     marker = root / ".done"
@@ -96,7 +96,7 @@ def concat_copies(segment: Path, out: Path, copies: int) -> Path:
 
 
 def long_set() -> tuple[Path, Path]:
-    from engine.synth import write_video
+    from engine.sample import write_video
 
     root = WORK / "inputs" / "long"
     root.mkdir(parents=True, exist_ok=True)

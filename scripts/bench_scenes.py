@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from engine.synth import write_video  # noqa: E402
+from engine.sample import write_video  # noqa: E402
 from udfs.split.scene_metrics import match_cuts  # noqa: E402
 from udfs.split.scene_rules import cut_frames  # noqa: E402
 

@@ -18,7 +18,7 @@ Measured, for each method:
 - unfiltered and filtered: p50 / p99 latency of single queries, recall@10
   against exact top 10 computed with NumPy over the whole column.
 
-Methods: `ours` (engine.index.build_indexes with the default config, then
+Methods: `ours` (engine.index.task.build_indexes with the default config, then
 engine.search.open(...).search(vector=...)), `lancedb-defaults` (a shallow
 clone of the same table; `create_index` and `search` with LanceDB's default
 parameters, plus a default scalar index on `bucket`), `exact` (Lance's flat
@@ -114,7 +114,7 @@ def exact_truth(path: Path, queries: np.ndarray, k: int = K) -> tuple[np.ndarray
     FILTER (bucket = 3), by NumPy over the whole column in batches."""
     import lance
 
-    from engine.ann import vectors_of
+    from engine.index.ann import vectors_of
 
     nq = len(queries)
     inf = np.float32(np.inf)
@@ -169,7 +169,7 @@ def run_ours(source: Path, workdir: Path, queries: np.ndarray, truth: tuple[list
 
     import engine.search
     from engine.cli import CONFIG_DIR
-    from engine.index import IndexSettings, build_indexes
+    from engine.index.task import IndexSettings, build_indexes
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         node = compose(config_name="config", overrides=["task=index", "output=unused"]).index

@@ -120,7 +120,7 @@ class PeakRSS:
 
 # ------------------------------------------------------------------ inputs
 def long_input(work: Path) -> list[Path]:
-    from engine.synth import write_video
+    from engine.sample import write_video
 
     src = work / "long" / "long_1280x720_30fps_120s.mp4"
     if not src.exists():
@@ -130,7 +130,7 @@ def long_input(work: Path) -> list[Path]:
 
 
 def short_inputs(work: Path, count: int = 60) -> list[Path]:
-    from engine.synth import write_video
+    from engine.sample import write_video
 
     folder = work / "short"
     paths = []
@@ -215,7 +215,7 @@ def default_config(overrides: list[str]):
 
 
 def run_engine(overrides: list[str], raylet_pids: list[int]) -> dict[str, float]:
-    from engine.curate import run
+    from engine.curate.task import run
 
     cfg = default_config(overrides)
     with PeakRSS(raylet_pids) as mem:
@@ -270,7 +270,7 @@ def main() -> None:
     plans = {name: [spans_of(p) for p in paths] for name, paths in inputs.items()}
     expected_clips = {name: sum(len(s) for s, _, _ in plan) for name, plan in plans.items()}
 
-    from engine.ray_session import ensure_ray
+    from engine.runtime.ray_session import ensure_ray
     from omegaconf import OmegaConf
 
     t0 = time.perf_counter()

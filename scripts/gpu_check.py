@@ -182,7 +182,7 @@ def check_nvenc_transcode(work: Path) -> Row:
     import numpy as np
     import pyarrow as pa
 
-    from engine.synth import read_frame_index, write_video
+    from engine.sample import read_frame_index, write_video
     from udfs.media.probe import ProbeVideos
     from udfs.media.transcode import ClipTranscoder
     from udfs.media.video import decode_rgb, decode_rgb_bytes
@@ -240,7 +240,7 @@ def check_nvdec_scene_decode(work: Path) -> Row:
         raise Skip("NVDEC needs the GPU")
     import numpy as np
 
-    from engine.synth import write_video
+    from engine.sample import write_video
     from udfs.split.scene_decode import decode_small_cpu, decode_small_gpu
 
     src = write_video(work / "nvdec_src.mp4", width=1280, height=720, fps=30, seconds=20, crf=18)

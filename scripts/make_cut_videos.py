@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.synth import write_transition_video  # noqa: E402
+from engine.sample import write_transition_video  # noqa: E402
 
 # name: (width, height, fps, scene lengths in seconds, transitions)
 SPECS: dict[str, tuple[int, int, float, list[float], list[tuple[str, float]]]] = {

@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-from engine.synth import write_video  # noqa: E402
+from engine.sample import write_video  # noqa: E402
 
 # name -> write_video arguments. Odd sizes, several rates, one shorter than a
 # clip, one with audio: the shapes the split rule and encoder must handle.
@@ -114,8 +114,8 @@ def training_output(ray_session, tmp_path_factory) -> Path:
     from hydra import compose, initialize_config_dir
 
     from engine.cli import CONFIG_DIR
-    from engine.curate import run
-    from engine.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields
+    from engine.curate.task import run
+    from udfs.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields
 
     root = tmp_path_factory.mktemp("training")
     videos = [write_video(root / "in" / name, **spec) for name, spec in TRAINING_SPECS.items()]
@@ -175,7 +175,7 @@ def embedded_output(ray_session, video_dir, tiny_clip, tmp_path_factory) -> Path
     from hydra import compose, initialize_config_dir
 
     from engine.cli import CONFIG_DIR
-    from engine.curate import run
+    from engine.curate.task import run
 
     out = tmp_path_factory.mktemp("embedded_output")
     inputs = [str(video_dir / n) for n in ("hd_30fps_23s.mp4", "odd_25fps_12s.mp4", "short_15fps_3s.mp4", "corrupt.mp4")]

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine.schema import CLIP_FILTER_FIELDS, frame_columns
-from engine.synth import read_frame_index, write_video
+from udfs.schema import CLIP_FILTER_FIELDS, frame_columns
+from engine.sample import read_frame_index, write_video
 from udfs.analysis.clip_analysis import ClipAnalysis
 from udfs.analysis.frames import drop_frame_columns, parse_consumers, plan_decode
 from udfs.media.video import unpack_frames
@@ -383,7 +383,7 @@ def test_yaml_configs_build_the_stages(clips, tiny_aesthetic):
     """Config keys == constructor kwargs (besides name/resources)."""
     from omegaconf import OmegaConf
 
-    from engine.stages import ENGINE_KEYS
+    from engine.runtime.stages import ENGINE_KEYS
     from udfs.analysis.aesthetic import AestheticScorer
 
     conf = Path(__file__).resolve().parents[1] / "conf"

@@ -18,8 +18,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
-from engine.curate import run
-from engine.synth import write_video
+from engine.curate.task import run
+from engine.sample import write_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ["transcode.preset=ultrafast", "preview.enabled=false", "motion.mode=disable", "split.clip_len_s=2",

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from engine.clip_frames import FrameSpec, ShortClip, plan_indices, resize_geometry
-from engine.data import ClipDataset, epoch_order, share_of
-from engine.schema import blob_field
-from engine.synth import read_frame_index
-from engine.views import curated_filter
+from engine.training.clip_frames import FrameSpec, ShortClip, plan_indices, resize_geometry
+from engine.training.dataset import ClipDataset, epoch_order, share_of
+from udfs.schema import blob_field
+from engine.sample import read_frame_index
+from engine.store.views import curated_filter
 
 
 def hwc(frames: torch.Tensor) -> np.ndarray:
@@ -255,7 +255,7 @@ def test_a_broken_blob_is_a_counted_skip(training_output, tmp_path):
 
 # ------------------------------------------------------------------ Ray Data
 def test_ray_data_path_yields_the_same_samples(ray_session, training_output):
-    from engine.data_ray import SampleCollate, ray_dataset
+    from engine.training.ray_data import SampleCollate, ray_dataset
 
     kwargs = dict(num_frames=3, frame_stride=2, size=(60, 80), caption="window", columns=("embedding",), seed=9)
     expected = {s["clip_id"]: s for s in ClipDataset(training_output, shuffle=False, **kwargs)}

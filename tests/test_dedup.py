@@ -19,9 +19,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
-from engine.dedup import pruning_table, resolve_n_clusters, run
-from engine.lance_columns import replace_columns, write_columns
-from engine.schema import CLIP_DEDUP_FIELDS, DEDUP_ASSIGN_SCHEMA
+from engine.dedup.task import pruning_table, resolve_n_clusters, run
+from engine.store.lance_columns import replace_columns, write_columns
+from udfs.schema import CLIP_DEDUP_FIELDS, DEDUP_ASSIGN_SCHEMA
 from scripts.planted_embeddings import PlantedSpec, planted_embeddings, row_ids, write_planted_table
 from udfs.dedup.kmeans import KMeans, KMeansAssign, assign, have_faiss
 from udfs.dedup.pairwise import SemDedupCluster, max_sim_to_higher_ranked, rank_members
@@ -190,7 +190,7 @@ def test_semdedup_cluster_matches_reference_and_splits_big_clusters():
 
 # ------------------------------------------------------------------ Lance write-back
 def small_table(path: Path, n: int = 10) -> lance.LanceDataset:
-    from engine.schema import blob_field
+    from udfs.schema import blob_field
 
     schema = pa.schema([pa.field("clip_id", pa.string()), blob_field("mp4")])
     t = pa.table({"clip_id": [f"c{i}" for i in range(n)], "mp4": [bytes([i]) * 50 for i in range(n)]}, schema=schema)
@@ -243,7 +243,7 @@ def test_columns_are_added_then_replaced_without_touching_media(tmp_path, monkey
             if r["dedup_cluster"] is not None] == [("c3", 0, "x", True), ("c4", 1, "x", True)]
     assert t[0]["duplicate"] is None
     # A failure while writing commits nothing.
-    import engine.lance_columns as lc
+    import engine.store.lance_columns as lc
 
     calls = []
 
@@ -501,7 +501,7 @@ def test_pruning_table_is_nemo_shaped():
 def reencode_cropped(src: Path, dst: Path, start: int, end: int, crop: int, crf: int = 30) -> None:
     """Frames [start, end) of `src`, `crop` pixels cut from every edge,
     encoded again with another quality: the kind of copy dedup must catch."""
-    from engine.synth import _add_video_stream, _encode_rgb
+    from engine.sample import _add_video_stream, _encode_rgb
 
     with av.open(str(src)) as inp:
         stream = inp.streams.video[0]
@@ -516,7 +516,7 @@ def reencode_cropped(src: Path, dst: Path, start: int, end: int, crop: int, crf:
 
 @pytest.mark.slow
 def test_end_to_end_reencoded_crop_is_flagged(tmp_path, ray_session):
-    from engine.synth import write_video
+    from engine.sample import write_video
     from engine.tasks import run_tasks
     from scripts.random_models import build_clip
 
@@ -562,7 +562,7 @@ def bucket(local_s3):
 
 
 def test_dedup_of_a_table_in_a_bucket(ray_session, bucket):
-    from engine.uris import lance_storage_options
+    from udfs.uris import lance_storage_options
 
     client, opts = bucket
     lance_opts = lance_storage_options(opts)

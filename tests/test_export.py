@@ -19,10 +19,10 @@ import webdataset as wds
 from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
-from engine.export import run
-from engine.exporters.webdataset import aspect_bin, duration_bin, resolution_bin
-from engine.schema import CLIP_FILTER_FIELDS, blob_field, clip_id_for, clip_schema, conform
-from engine.synth import read_frame_index, write_video
+from engine.export.task import run
+from engine.export.exporters.webdataset import aspect_bin, duration_bin, resolution_bin
+from udfs.schema import CLIP_FILTER_FIELDS, blob_field, clip_id_for, clip_schema, conform
+from engine.sample import read_frame_index, write_video
 from udfs.media.probe import probe_video
 from udfs.media.video import decode_rgb_bytes
 
@@ -232,7 +232,7 @@ def s3_output(local_s3, training_output):
     """The training table copied into a bucket on a local S3 server. moto's
     store is per process, shared with tests/test_s3.py: this module uses its
     own bucket and empties it afterwards."""
-    from engine.uris import lance_storage_options
+    from udfs.uris import lance_storage_options
 
     client, opts = local_s3
     client.create_bucket(Bucket=BUCKET)
@@ -253,7 +253,7 @@ def s3_output(local_s3, training_output):
 
 
 def test_exports_and_loader_read_an_s3_output(s3_output, training_output):
-    from engine.data import ClipDataset
+    from engine.training.dataset import ClipDataset
 
     client, opts = s3_output
     rows = table_rows(training_output)
@@ -281,7 +281,7 @@ def test_exports_and_loader_read_an_s3_output(s3_output, training_output):
 
 def test_export_reads_in_bounded_chunks(training_output, tmp_path, monkeypatch):
     """Blobs are read `chunk_rows` clips at a time, never the whole table."""
-    import engine.exporters.rows as rows_mod
+    import engine.export.exporters.rows as rows_mod
 
     seen = []
     real = rows_mod.read_blob_bytes

@@ -10,7 +10,7 @@ import threading
 import pyarrow as pa
 import pytest
 
-from engine.uris import list_inputs
+from udfs.uris import list_inputs
 from udfs.media.probe import ProbeVideos
 
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields, frame_columns
-from engine.synth import write_video
+from udfs.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields, frame_columns
+from engine.sample import write_video
 from scripts.random_models import build_clip, build_qwen2_5_vl, build_qwen2_lm, build_siglip
 from udfs.models.caption import CaptionStage, QwenVLTransformersCaptioner, Window, sample_positions, window_spans
 from udfs.models.embed import ClipFamilyEmbedder, EmbedStage, embedding_dim, l2_normalize
@@ -67,7 +67,7 @@ def clip_table(rows: list[dict]) -> pa.Table:
 
 
 def _frame_fields(rows: list[dict]) -> list[pa.Field]:
-    from engine.schema import frame_fields
+    from udfs.schema import frame_fields
 
     consumer = next(k for k in rows[0] if k.endswith("_frame_hw"))[: -len("_frame_hw")]
     return frame_fields(consumer)

@@ -13,9 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
-from engine.lance_io import read_blob_bytes
-from engine.curate import run
-from engine.synth import read_frame_index
+from engine.store.lance_io import read_blob_bytes
+from engine.curate.task import run
+from engine.sample import read_frame_index
 from udfs.split.fixed_stride import fixed_stride_spans
 from udfs.media.video import decode_rgb_bytes
 
@@ -174,8 +174,8 @@ def test_chained_tasks_share_one_output(ray_session, good_videos, tmp_path):
 def test_transcode_batch_spreads_few_videos_over_the_cluster():
     """A transcode task takes its configured batch of videos, unless the run
     has too few videos to give every transcode slot one batch."""
-    from engine.curate import transcode_batch
-    from engine.stages import StageStep
+    from engine.curate.task import transcode_batch
+    from engine.runtime.stages import StageStep
     from udfs.media.transcode import ClipTranscoder
 
     step = StageStep("transcode", ClipTranscoder, {}, num_cpus=1, batch_size=8)
@@ -191,8 +191,8 @@ def test_admission_fills_every_transcode_slot():
     """Unset, the in-flight limit lets every transcode slot hold a full batch
     (a 64-CPU node must not run half its encoders); set, it is honoured down
     to one batch of each stage plus a chunk."""
-    from engine.curate import admission
-    from engine.stages import StageStep
+    from engine.curate.task import admission
+    from engine.runtime.stages import StageStep
     from udfs.media.transcode import ClipTranscoder
 
     video_steps = [StageStep("probe", object, {}, num_cpus=1, batch_size=8),
@@ -211,8 +211,8 @@ def test_admission_fills_every_transcode_slot():
 def test_encoder_threads_bounded_on_a_big_node():
     """x264 picks its threads on a small node; on a big one an encoder gets
     at most 4 per CPU its task holds; a set value is kept."""
-    from engine.curate import encoder_threads
-    from engine.stages import StageStep
+    from engine.curate.task import encoder_threads
+    from engine.runtime.stages import StageStep
     from udfs.media.transcode import ClipTranscoder
 
     step = StageStep("transcode", ClipTranscoder, {"threads": 0}, num_cpus=1, batch_size=8)
@@ -231,7 +231,7 @@ def test_missing_bytecode_is_noticed(tmp_path, monkeypatch):
 
     import ray
 
-    from engine import ray_session
+    from engine.runtime import ray_session
 
     module = tmp_path / "fake_ray.py"
     module.write_text("x = 1\n")
@@ -250,7 +250,7 @@ STOP_SCRIPT = """
 import json
 from omegaconf import OmegaConf
 import ray
-from engine.ray_session import ensure_ray, stop_local_ray
+from engine.runtime.ray_session import ensure_ray, stop_local_ray
 ensure_ray(OmegaConf.create({"num_cpus": 1, "progress": False}))
 assert ray.get(ray.remote(lambda: 7).remote()) == 7
 started = {kind: [info.process for info in infos]

@@ -15,13 +15,13 @@ import lance
 import pytest
 from hydra import compose, initialize_config_dir
 
-import engine.commits
+import engine.curate.commits
 from engine.cli import CONFIG_DIR
-from engine.curate import run
-from engine.outputs import OutputLayout
-from engine.resume import ResumeError
-from engine.synth import write_video
-from engine.uris import lance_storage_options
+from engine.curate.task import run
+from engine.store.outputs import OutputLayout
+from engine.curate.resume import ResumeError
+from engine.sample import write_video
+from udfs.uris import lance_storage_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +101,7 @@ def clean(ray_session, inputs, tmp_path_factory):
 def crashed_run(cfg, monkeypatch, table: str, call: int) -> None:
     """Run `cfg` and let it die at the `call`-th commit to `table`
     (clips.lance | videos.lance), after everything before that commit."""
-    real = engine.commits.commit_append
+    real = engine.curate.commits.commit_append
     seen = {"n": 0}
 
     def commit_append(uri, *args, **kwargs):
@@ -112,7 +112,7 @@ def crashed_run(cfg, monkeypatch, table: str, call: int) -> None:
         return real(uri, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(engine.commits, "commit_append", commit_append)
+        patch.setattr(engine.curate.commits, "commit_append", commit_append)
         with pytest.raises(Crash):
             run(cfg)
 

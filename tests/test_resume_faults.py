@@ -13,10 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
-from engine.curate import run
-from engine.lance_io import read_blob_bytes
-from engine.synth import read_frame_index
-from engine.uris import HttpRangeFile, RetryingStoreFile, RetryPolicy, with_retries
+from engine.curate.task import run
+from engine.store.lance_io import read_blob_bytes
+from engine.sample import read_frame_index
+from udfs.uris import HttpRangeFile, RetryingStoreFile, RetryPolicy, with_retries
 from udfs.media.video import decode_rgb_bytes
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.02, max_backoff_s=0.05)

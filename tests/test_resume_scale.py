@@ -7,9 +7,9 @@ import tracemalloc
 
 import pyarrow as pa
 
-from engine.curate import feed_inputs
-from engine.schema import video_id_for
-from engine.uris import iter_inputs
+from engine.curate.task import feed_inputs
+from udfs.schema import video_id_for
+from udfs.uris import iter_inputs
 
 
 def test_listing_streams(tmp_path):
@@ -50,9 +50,9 @@ def test_videos_waiting_for_a_commit_are_small():
     memory), and the commit still gets whole video-table rows."""
     import gc
 
-    from engine.commits import Progress
-    from engine.ledger import row_bytes
-    from engine.schema import VIDEO_SCHEMA, conform
+    from engine.curate.commits import Progress
+    from engine.curate.ledger import row_bytes
+    from udfs.schema import VIDEO_SCHEMA, conform
 
     def rss() -> int:
         with open("/proc/self/status") as status:

@@ -10,10 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
-from engine.lance_io import read_blob_bytes
-from engine.curate import run
-from engine.synth import read_frame_index
-from engine.uris import lance_storage_options, list_inputs
+from engine.store.lance_io import read_blob_bytes
+from engine.curate.task import run
+from engine.sample import read_frame_index
+from udfs.uris import lance_storage_options, list_inputs
 from udfs.media.video import decode_rgb_bytes
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine.synth import read_frame_index, write_transition_video, write_video
+from engine.sample import read_frame_index, write_transition_video, write_video
 from udfs.split.content_detector import content_scores
 from udfs.split.scene_decode import decode_small_cpu
 from udfs.split.scene_metrics import match_cuts

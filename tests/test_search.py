@@ -19,8 +19,8 @@ from hydra import compose, initialize_config_dir
 
 import engine.search
 from engine.cli import CONFIG_DIR
-from engine.index import run as run_index
-from engine.search import CapabilityError, FilterError, SearchError, UnknownClipError
+from engine.index.task import run as run_index
+from engine.search.searcher import CapabilityError, FilterError, SearchError, UnknownClipError
 from scripts.bench_search import scalar_columns, topic_centres, topic_vectors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -433,7 +433,7 @@ def test_video_and_image_queries_go_through_the_vision_tower(curated, tmp_path):
 
 def test_index_and_search_an_output_in_an_object_store(tmp_path, local_s3):
     """task=index and the searcher on s3:// (a local S3 server)."""
-    from engine.uris import lance_storage_options
+    from udfs.uris import lance_storage_options
 
     client, opts = local_s3
     client.create_bucket(Bucket="search-out")

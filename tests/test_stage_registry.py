@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from engine.cli import CONFIG_DIR
-from engine.resume import ResumeError, check_resumable, clip_settings, encode
-from engine.stages import load_class
+from engine.curate.resume import ResumeError, check_resumable, clip_settings, encode
+from engine.runtime.stages import load_class
 from udfs.registry import STAGES, choices
 from udfs.spec import ENGINE_KEYS, StageSpec
 

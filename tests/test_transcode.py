@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from engine.synth import read_frame_index, write_video
+from engine.sample import read_frame_index, write_video
 from udfs.media.probe import ProbeVideos
 from udfs.split.fixed_stride import FixedStrideSplit
 from udfs.media.transcode import ClipTranscoder

@@ -16,8 +16,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from engine.cli import CONFIG_DIR
-from engine.index import run as run_index
-from engine.serve import BackgroundServer, Filters, make_app, parse_range
+from engine.index.task import run as run_index
+from engine.serve.app import BackgroundServer, Filters, make_app, parse_range
 
 
 def config(*overrides: str):

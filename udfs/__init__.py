@@ -11,8 +11,8 @@
 
 A stage's ``__init__`` loads what it needs (models, encoders); its
 ``__call__(batch: pa.Table) -> pa.Table`` (or an iterator of tables) adds the
-columns its family declares in ``engine.schema``. Stages never read Hydra
+columns its family declares in ``udfs.schema``. Stages never read Hydra
 config, Ray or global state; the tasks in ``engine`` build them from config.
-A ``udfs`` module may import only the leaf plumbing ``engine.schema`` and
-``engine.uris`` (``tests/test_layout.py`` enforces this).
+A ``udfs`` module may import only the leaf plumbing ``udfs.schema`` and
+``udfs.uris`` (``tests/test_layout.py`` enforces this).
 """

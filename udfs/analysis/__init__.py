@@ -1,7 +1,7 @@
 """Per-clip analysis: one decode per clip for motion scores and the frames the
 model stages consume, aesthetic scoring, and the keep/drop filter columns."""
 
-from engine.schema import CLIP_AESTHETIC_FIELDS, CLIP_MOTION_FIELDS
+from udfs.schema import CLIP_AESTHETIC_FIELDS, CLIP_MOTION_FIELDS
 from udfs.spec import StageSpec, fields
 
 STAGES = [

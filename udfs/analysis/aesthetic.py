@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from engine.schema import CLIP_AESTHETIC_FIELDS
+from udfs.schema import CLIP_AESTHETIC_FIELDS
 from udfs.analysis.filtering import apply_filter, ensure_filter_columns, row_errors, set_errors
 from udfs.analysis.frames import drop_frame_columns
 from udfs.models.loading import local_model_dir, pick_device, pick_dtype

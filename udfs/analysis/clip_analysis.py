@@ -26,7 +26,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 import pyarrow as pa
 
-from engine.schema import CLIP_FILTER_FIELDS, CLIP_MOTION_FIELDS, frame_fields
+from udfs.schema import CLIP_FILTER_FIELDS, CLIP_MOTION_FIELDS, frame_fields
 from udfs.analysis.filtering import apply_filter, row_errors
 from udfs.analysis.frames import FrameSpec, as_fraction, centre_crop, parse_consumers, plan_decode
 from udfs.analysis.motion import MotionScores, MotionSettings, low_motion_reason, motion_scores

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from engine.schema import CLIP_FILTER_FIELDS
+from udfs.schema import CLIP_FILTER_FIELDS
 
 REASON_SEPARATOR = "; "
 

@@ -27,7 +27,7 @@ side to N (keeping the aspect ratio), and with `crop: true` then takes the
 centre N x N; `size: [H, W]` scales to exactly H x W.
 
 The frames travel to their consumer in the transient columns
-`engine.schema.frame_fields(name)`; the consumer drops them after use
+`udfs.schema.frame_fields(name)`; the consumer drops them after use
 (`drop_frame_columns`).
 """
 
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from engine.schema import frame_columns
+from udfs.schema import frame_columns
 
 POLICIES = ("sequence", "middle", "uniform")
 INTERPOLATIONS = ("FAST_BILINEAR", "BILINEAR", "BICUBIC", "AREA", "LANCZOS")

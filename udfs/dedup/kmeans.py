@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.schema import DEDUP_ASSIGN_SCHEMA
+from udfs.schema import DEDUP_ASSIGN_SCHEMA
 from udfs.dedup.vectors import checked_rows, pick_device, pick_dtype
 
 BACKENDS = ("auto", "torch", "faiss", "cuml")

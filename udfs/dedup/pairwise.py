@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.schema import DEDUP_PAIRWISE_SCHEMA
+from udfs.schema import DEDUP_PAIRWISE_SCHEMA
 from udfs.dedup.kmeans import KMeans, assign, set_threads
 from udfs.dedup.vectors import pick_device, pick_dtype, take_vectors, vectors_from_arrow
 

@@ -1,7 +1,7 @@
 """Reading and writing video media: probe, decode/encode helpers, the one-pass
 clip transcoder and WebP previews."""
 
-from engine.schema import VIDEO_PROBE_FIELDS
+from udfs.schema import VIDEO_PROBE_FIELDS
 from udfs.spec import StageSpec, fields
 
 STAGES = [

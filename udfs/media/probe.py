@@ -13,8 +13,8 @@ from typing import Any
 import av
 import pyarrow as pa
 
-from engine.schema import VIDEO_PROBE_FIELDS, conform, video_id_for
-from engine.uris import size_of
+from udfs.schema import VIDEO_PROBE_FIELDS, conform, video_id_for
+from udfs.uris import size_of
 from udfs.media.video import frame_rate, open_video
 
 PROBE_SCHEMA = pa.schema(VIDEO_PROBE_FIELDS)

@@ -42,7 +42,7 @@ import pyarrow as pa
 from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
-from engine.schema import CLIP_BASE_SCHEMA, CLIP_MOTION_FIELDS, clip_id_for, clip_schema, conform
+from udfs.schema import CLIP_BASE_SCHEMA, CLIP_MOTION_FIELDS, clip_id_for, clip_schema, conform
 from udfs.analysis.filtering import apply_filter
 from udfs.analysis.motion import MotionSettings, low_motion_reason
 from udfs.analysis.motion_decode import motion_from_packets

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.uris import av_source
+from udfs.uris import av_source
 
 if TYPE_CHECKING:
     import av
@@ -121,7 +121,7 @@ def decode_rgb_bytes(data: bytes, width: int | None = None, height: int | None =
 
 def pack_frames(frames: np.ndarray, indices: list[int] | np.ndarray) -> tuple[list[bytes], list[int], list[int]]:
     """(N, H, W, 3) uint8 frames -> values for a consumer's transient frame
-    columns (see `engine.schema.frame_fields`)."""
+    columns (see `udfs.schema.frame_fields`)."""
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) frames, got {frames.shape}")

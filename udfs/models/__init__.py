@@ -5,7 +5,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from engine.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields
+from udfs.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields
 from udfs.spec import StageSpec, fields
 
 

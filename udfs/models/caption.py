@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.schema import CLIP_CAPTION_FIELDS, frame_columns
+from udfs.schema import CLIP_CAPTION_FIELDS, frame_columns
 from udfs.models.embed import filtered_out
 from udfs.models.loading import local_model_dir, pick_device, pick_dtype
 from udfs.media.video import unpack_frames

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.schema import clip_embedding_fields, frame_columns
+from udfs.schema import clip_embedding_fields, frame_columns
 from udfs.models.loading import local_model_dir, pick_device, pick_dtype
 from udfs.media.video import unpack_frames
 

@@ -2,7 +2,7 @@
 (TransNetV2, the content detector), the rules that turn per-frame transition
 scores into spans, the low-resolution decode they share, and cut metrics."""
 
-from engine.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
+from udfs.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
 from udfs.spec import StageSpec, fields
 
 _SCENE_RUNTIME = frozenset({"decode_threads", "decode_workers"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from engine.schema import VIDEO_SPAN_FIELDS
+from udfs.schema import VIDEO_SPAN_FIELDS
 
 
 def fixed_stride_spans(

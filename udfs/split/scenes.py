@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from engine.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
+from udfs.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
 from udfs.split.content_detector import content_scores
 from udfs.split.scene_decode import decode_small, decode_small_cpu
 from udfs.split.scene_rules import LONG_SCENE_MODES, plan_spans
