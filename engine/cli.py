@@ -12,9 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+import reelsift_conf
+
 log = logging.getLogger("reelsift")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = reelsift_conf.DIR
 
 # The curate summary's headline numbers, for the log line at the end.
 CURATE_BRIEF = ("videos", "videos_ok", "videos_failed", "clips", "clips_failed", "clips_passed", "hours_in", "hours_out")

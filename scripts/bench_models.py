@@ -4,7 +4,7 @@
     PYTHONPATH=. python scripts/bench_models.py                   # full CPU run (+ GPU section on CUDA)
 
 Weights cannot be downloaded here, so models are full-size architectures
-with random weights (scripts/random_models.py), saved and loaded through the
+with random weights (udfs/models/tiny.py), saved and loaded through the
 stages' own loading code. Each measurement runs our stage on an Arrow batch
 (unpacking frames, windowing, bucketing, writing columns) and the *same
 model object* driven directly in a plain Python loop on the same frames, and
@@ -34,12 +34,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-# Run as a script, the repo root (for `scripts.random_models`) is not on the path.
+# Run as a script, the repo root is not on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from udfs.schema import frame_fields  # noqa: E402
 from engine.sample import write_video
-from scripts.random_models import build_clip, build_qwen2_5_vl
+from udfs.models.tiny import build_clip, build_qwen2_5_vl
 from udfs.models.caption import CaptionStage, Window, window_spans
 from udfs.models.embed import ClipEmbedStage, l2_normalize, _features
 from udfs.media.video import decode_rgb, pack_frames

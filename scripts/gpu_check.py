@@ -15,7 +15,7 @@ throughput on each side. Rows:
 - `transnetv2_cuda`: TransNetV2 (the wheel's real weights) on CUDA with bf16
   autocast against fp32 on the CPU: per-frame probabilities and cuts.
 - `clip_embed_bf16`: `ClipFamilyEmbedder`, CLIP ViT-B/32 shapes (random
-  weights from scripts/random_models.py), bf16 on CUDA against fp32 on CPU.
+  weights from udfs/models/tiny.py), bf16 on CUDA against fp32 on CPU.
 - `cosmos_embed1_bf16`: `CosmosEmbed1Embedder` on a Cosmos-Embed1-shaped
   remote-code checkpoint (8 frames at 336 px, 768-d; the stand-in's backbone
   is small, so its throughput is the loading/pre-processing path's, not
@@ -289,7 +289,7 @@ def _clips(count: int, frames: int, size: int, seed: int = 0):
 
 
 def check_clip_embed(work: Path) -> Row:
-    from random_models import build_clip
+    from udfs.models.tiny import build_clip
 
     from udfs.models.embed import ClipFamilyEmbedder
 
@@ -308,7 +308,7 @@ def check_clip_embed(work: Path) -> Row:
 
 
 def check_cosmos_embed(work: Path) -> Row:
-    from random_models import build_video_text_standin
+    from udfs.models.tiny import build_video_text_standin
 
     from udfs.models.embed import CosmosEmbed1Embedder
 
@@ -329,7 +329,7 @@ def check_cosmos_embed(work: Path) -> Row:
 def check_qwen_caption(work: Path) -> Row:
     import numpy as np
     import torch
-    from random_models import build_qwen2_5_vl
+    from udfs.models.tiny import build_qwen2_5_vl
 
     from udfs.models.caption import QwenVLTransformersCaptioner, Window
 

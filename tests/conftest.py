@@ -161,8 +161,8 @@ def training_output(ray_session, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
-    """A random CLIP (scripts/random_models.build_clip) saved to disk: 24-d embeddings."""
-    from scripts.random_models import build_clip
+    """A random CLIP (udfs.models.tiny.build_clip) saved to disk: 24-d embeddings."""
+    from udfs.models.tiny import build_clip
 
     return build_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
 

@@ -518,7 +518,7 @@ def reencode_cropped(src: Path, dst: Path, start: int, end: int, crop: int, crf:
 def test_end_to_end_reencoded_crop_is_flagged(tmp_path, ray_session):
     from engine.sample import write_video
     from engine.tasks import run_tasks
-    from scripts.random_models import build_clip
+    from udfs.models.tiny import build_clip
 
     videos = tmp_path / "videos"
     videos.mkdir()

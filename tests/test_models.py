@@ -10,7 +10,7 @@ import torch
 
 from udfs.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields, frame_columns
 from engine.sample import write_video
-from scripts.random_models import build_clip, build_qwen2_5_vl, build_qwen2_lm, build_siglip
+from udfs.models.tiny import build_clip, build_qwen2_5_vl, build_qwen2_lm, build_siglip
 from udfs.models.caption import CaptionStage, QwenVLTransformersCaptioner, Window, sample_positions, window_spans
 from udfs.models.embed import ClipFamilyEmbedder, EmbedStage, embedding_dim, l2_normalize
 from udfs.models.loading import ModelNotFoundError, pick_dtype, resolve_model, resolve_stage_models
@@ -344,7 +344,7 @@ def test_stage_built_from_yaml_with_local_model(models, videos) -> None:
 # ------------------------------------------------- Cosmos-Embed1 calling surface
 @pytest.fixture(scope="session")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from scripts.random_models import build_video_text_standin
+    from udfs.models.tiny import build_video_text_standin
 
     return build_video_text_standin(tmp_path_factory.mktemp("models") / "video_text_standin", embed_dim=16)
 

@@ -14,7 +14,7 @@ from engine.cli import CONFIG_DIR
 from engine.curate.task import run
 from udfs.schema import frame_columns
 from engine.sample import write_video
-from scripts.random_models import build_clip, build_qwen2_5_vl
+from udfs.models.tiny import build_clip, build_qwen2_5_vl
 from udfs.models.caption import window_spans
 from udfs.models.embed import embedding_dim
 

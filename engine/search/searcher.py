@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+import reelsift_conf
 from engine.index import ann
 from engine.store.outputs import OutputLayout
 
@@ -540,7 +541,7 @@ def _load_embed_stage(name: str, model: str, revision: str | None, device: str,
                               skip_filtered=False, revision=None)
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+CONF_DIR = Path(reelsift_conf.DIR)
 
 
 def frame_spec_for(name: str, layout: OutputLayout | None) -> dict[str, Any]:
