@@ -37,6 +37,7 @@ import torch
 # Run as a script, the repo root is not on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reelsift_conf import stage_args
 from udfs.schema import frame_fields  # noqa: E402
 from engine.sample import write_video
 from udfs.models.tiny import build_clip, build_qwen2_5_vl
@@ -147,8 +148,8 @@ def bench_caption(workdir: Path, *, device: str, preset: str, num_clips: int, cl
             dtype=torch.bfloat16 if device.startswith("cuda") else None,
         )
     build_s = time.perf_counter() - t0
-    stage = CaptionStage(model=model_dir, device=device, temperature=0.0, max_new_tokens=max_new_tokens,
-                         batch_size=batch)
+    stage = CaptionStage(**stage_args("caption", "qwen_vl", model=model_dir, device=device, temperature=0.0,
+                                      max_new_tokens=max_new_tokens, batch_size=batch))
     cap = stage.captioner
     source = synthetic_frames(workdir, clip_frames, size, size)
     indices = list(range(0, clip_frames, 15))  # 2 fps at 30 fps, as frame extraction delivers

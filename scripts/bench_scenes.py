@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.sample import write_video  # noqa: E402
+from reelsift_conf import stage_args
 from udfs.split.scene_metrics import match_cuts  # noqa: E402
 from udfs.split.scene_rules import cut_frames  # noqa: E402
 
@@ -126,12 +127,12 @@ def main() -> None:
                                                            interpolation="FAST_BILINEAR"))
         record("decode 64x36 FAST_BILINEAR", len(frames), wall, cpu, None)
     if "content" not in args.skip:
-        stage = ContentSplit()
+        stage = ContentSplit(**stage_args("split", "content"))
         run_split_stage(stage, warm, fps)
         (detected, n), wall, cpu = timed(lambda: run_split_stage(stage, path, fps))
         record("content (ours)", n, wall, cpu, detected)
     if "transnetv2" not in args.skip:
-        stage = TransNetV2Split(device=args.device, precision=args.precision)
+        stage = TransNetV2Split(**stage_args("split", "transnetv2", device=args.device, precision=args.precision))
         run_split_stage(stage, warm, fps)
         (detected, n), wall, cpu = timed(lambda: run_split_stage(stage, path, fps))
         record(f"TransNetV2 ({stage.predictor.device.type}, {stage.predictor.autocast_dtype or 'fp32'})",

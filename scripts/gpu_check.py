@@ -50,10 +50,21 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+
+
+def stage_args(node: str, choice: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """conf/'s defaults for a stage built by hand. The device machine has no
+    install of ours, so conf/ is loaded from the checkout as `reelsift_conf`."""
+    if "reelsift_conf" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("reelsift_conf", REPO / "conf" / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["reelsift_conf"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["reelsift_conf"].stage_args(node, choice, **overrides)
 
 
 @dataclass
@@ -189,12 +200,14 @@ def check_nvenc_transcode(work: Path) -> Row:
     from udfs.split.fixed_stride import FixedStrideSplit
 
     src = write_video(work / "nvenc_src.mp4", width=1280, height=720, fps=30, seconds=20, crf=18)
-    table = FixedStrideSplit(clip_len_s=10.0, min_clip_s=2.0)(ProbeVideos()(pa.table({"uri": [str(src)]})))
+    spans = FixedStrideSplit(**stage_args("split", "fixed_stride", clip_len_s=10.0, min_clip_s=2.0))
+    table = spans(ProbeVideos(**stage_args("probe"))(pa.table({"uri": [str(src)]})))
     frames = int(table.column("num_frames")[0].as_py())
     motion = {"mode": "score-only", "fps": 2}
 
     def run(encoder: str) -> list[dict]:
-        stage = ClipTranscoder(encoder=encoder, preset="medium", crf=23, motion=motion, preview={"enabled": False})
+        stage = ClipTranscoder(**stage_args("transcode", encoder=encoder, preset="medium", crf=23, motion=motion,
+                                            preview={"enabled": False}))
         return pa.concat_tables(list(stage(table))).to_pylist()
 
     gpu_clips, gpu_s = timed(lambda: run("h264_nvenc"))

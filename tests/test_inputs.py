@@ -10,6 +10,7 @@ import threading
 import pyarrow as pa
 import pytest
 
+from reelsift_conf import stage_args
 from udfs.uris import list_inputs
 from udfs.media.probe import ProbeVideos
 
@@ -41,7 +42,7 @@ def test_probe_facts_and_bad_files(video_dir, video_frames, tmp_path):
     text.write_text("this is not a video at all\n" * 50)
     uris = [str(video_dir / n) for n in video_frames] + [
         str(video_dir / "empty.mp4"), str(video_dir / "corrupt.mp4"), str(text)]
-    table = ProbeVideos()(pa.table({"uri": uris}))
+    table = ProbeVideos(**stage_args("probe"))(pa.table({"uri": uris}))
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in table.to_pylist()}
     for name, frames in video_frames.items():
         row = rows[name]
@@ -77,7 +78,7 @@ def test_http_inputs_are_probed(http_root, tmp_path):
     listing.write_text(json.dumps({"root": http_root, "videos": ["short_15fps_3s.mp4", "missing.mp4"]}))
     uris = list_inputs(str(listing))
     assert uris == [f"{http_root}/missing.mp4", f"{http_root}/short_15fps_3s.mp4"]
-    rows = {r["uri"]: r for r in ProbeVideos()(pa.table({"uri": uris})).to_pylist()}
+    rows = {r["uri"]: r for r in ProbeVideos(**stage_args("probe"))(pa.table({"uri": uris})).to_pylist()}
     good = rows[f"{http_root}/short_15fps_3s.mp4"]
     assert good["error"] is None and good["num_frames"] == 45 and good["size_bytes"] > 0
     assert "404" in rows[f"{http_root}/missing.mp4"]["error"]

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from reelsift_conf import stage_args
 from udfs.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields, frame_columns
 from engine.sample import write_video
 from udfs.models.tiny import build_clip, build_qwen2_5_vl, build_qwen2_lm, build_siglip
@@ -95,7 +96,7 @@ def test_missing_model_fails_fast_with_path(tmp_path, models) -> None:
     with pytest.raises(ModelNotFoundError, match=str(missing)):
         EmbedStage(**EMBED_CONF, name="clip", model=str(missing))
     with pytest.raises(ModelNotFoundError, match=str(missing)):
-        CaptionStage(model=str(missing))
+        CaptionStage(**stage_args("caption", "qwen_vl", model=str(missing)))
     with pytest.raises(ModelNotFoundError, match=str(missing)):
         resolve_stage_models({"model": models["qwen_vl"], "enhance": {"model": str(missing)}})
 
@@ -250,11 +251,12 @@ def caption_rows(videos: dict[str, str]) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def captioned(models, videos) -> pa.Table:
-    stage = CaptionStage(
+    stage = CaptionStage(**stage_args(
+        "caption", "qwen_vl",
         model=models["qwen_vl"], prompt="default", temperature=1.0, top_p=1.0, max_new_tokens=6, batch_size=2,
         enhance={"model": models["qwen_lm"], "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0},
         frames={"policy": "sequence", "fps": 2},
-    )
+    ))
     return stage(clip_table(caption_rows(videos)))
 
 
@@ -288,7 +290,8 @@ def test_identical_windows_get_identical_greedy_captions(models, videos) -> None
 
 
 def test_custom_prompt_and_no_enhancer(models, videos) -> None:
-    stage = CaptionStage(model=models["qwen_vl"], prompt="What moves in this clip?", max_new_tokens=3, temperature=1.0, top_p=1.0)
+    stage = CaptionStage(**stage_args("caption", "qwen_vl", model=models["qwen_vl"], prompt="What moves in this clip?",
+                                      max_new_tokens=3, temperature=1.0, top_p=1.0))
     assert stage.prompt == "What moves in this clip?" and stage.enhancer is None
     out = stage(clip_table(caption_rows(videos)[1:2])).to_pylist()[0]
     assert out["caption_enhanced"] is None
@@ -299,7 +302,7 @@ def test_vllm_backend_needs_gpu(models) -> None:
     if torch.cuda.is_available():
         pytest.skip("GPU present: vLLM availability decides")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        CaptionStage(model=models["qwen_vl"], backend="vllm")
+        CaptionStage(**stage_args("caption", "qwen_vl", model=models["qwen_vl"], backend="vllm"))
 
 
 # ------------------------------------------------------------------- config
@@ -389,7 +392,8 @@ def test_hub_id_resolves_offline_from_cache(models, tmp_path, monkeypatch) -> No
 def test_windows_are_bucketed_by_size(models, videos) -> None:
     """Windows of all clips in a batch are generated smallest-first in groups of
     batch_size, so a long clip's big windows do not pad the short ones."""
-    stage = CaptionStage(model=models["qwen_vl"], max_new_tokens=1, batch_size=2, temperature=0.0)
+    stage = CaptionStage(**stage_args("caption", "qwen_vl", model=models["qwen_vl"], max_new_tokens=1, batch_size=2,
+                                      temperature=0.0))
     seen: list[list[int]] = []
     generate = stage.captioner.generate
 
@@ -407,7 +411,8 @@ def test_windows_are_bucketed_by_size(models, videos) -> None:
 
 
 def test_failed_generate_marks_only_its_rows(models, videos) -> None:
-    stage = CaptionStage(model=models["qwen_vl"], max_new_tokens=1, batch_size=1, temperature=0.0)
+    stage = CaptionStage(**stage_args("caption", "qwen_vl", model=models["qwen_vl"], max_new_tokens=1, batch_size=1,
+                                      temperature=0.0))
     generate = stage.captioner.generate
 
     def flaky(prompt, windows, **kwargs):
@@ -426,7 +431,8 @@ def test_failed_generate_marks_only_its_rows(models, videos) -> None:
 def test_filtered_clips_are_skipped(models, videos) -> None:
     table = clip_table(caption_rows(videos)[:2])
     table = table.append_column("passed", pa.array([False, True]))
-    rows = CaptionStage(model=models["qwen_vl"], max_new_tokens=1, temperature=0.0)(table).to_pylist()
+    rows = CaptionStage(**stage_args("caption", "qwen_vl", model=models["qwen_vl"], max_new_tokens=1,
+                                             temperature=0.0))(table).to_pylist()
     assert rows[0]["caption_windows"] is None and rows[0]["error"] is None
     assert [(w["start_frame"], w["end_frame"]) for w in rows[1]["caption_windows"]] == [(0, 90)]
     emb = EmbedStage(**{**EMBED_CONF, "skip_filtered": True}, name="clip", model=models["clip"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.sample import read_frame_index, write_transition_video, write_video
+from reelsift_conf import stage_args
 from udfs.split.content_detector import content_scores
 from udfs.split.scene_decode import decode_small_cpu
 from udfs.split.scene_metrics import match_cuts
@@ -61,7 +62,7 @@ def _video_table(videos: list[dict]) -> pa.Table:
 def transnet_split():
     from udfs.split.scenes import TransNetV2Split
 
-    return TransNetV2Split(device="cpu", batch_size=8)
+    return TransNetV2Split(**stage_args("split", "transnetv2", device="cpu", batch_size=8))
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,7 @@ def test_gpu_decode_and_inference(cut_videos) -> None:
     cpu = decode_small_cpu(video["uri"])
     assert gpu.shape == cpu.shape
     assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 8
-    row = TransNetV2Split(device="cuda")(_video_table([video])).to_pylist()[0]
+    row = TransNetV2Split(**stage_args("split", "transnetv2", device="cuda"))(_video_table([video])).to_pylist()[0]
     assert match_cuts(video["cuts"], cut_frames(row["transition_probs"], 0.4), tolerance=2).f1 == 1.0
 
 
@@ -261,7 +262,7 @@ def test_gpu_decode_and_inference(cut_videos) -> None:
 def test_content_split_finds_hard_cuts(cut_videos) -> None:
     from udfs.split.scenes import ContentSplit
 
-    out = ContentSplit()(_video_table(cut_videos))
+    out = ContentSplit(**stage_args("split", "content"))(_video_table(cut_videos))
     for row, video in zip(out.to_pylist(), cut_videos):
         assert row["scene_detector"] == "content"
         assert len(row["transition_probs"]) == video["num_frames"]
@@ -283,26 +284,6 @@ def test_content_scores_ignore_motion_and_flag_dissolves(tmp_path) -> None:
     assert match_cuts(cuts, detected, tolerance=2).f1 == 1.0, (cuts, detected)
     # Hard cuts only: the gradual transitions are not reported.
     assert cut_frames(content_scores(decode_small_cpu(str(path), 64, 36), 24.0, gradual_s=None), 0.2) == []
-
-
-def test_config_keys_are_constructor_kwargs() -> None:
-    import inspect
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from udfs.split.scenes import ContentSplit, TransNetV2Split
-
-    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "split"
-    for name, cls in (("transnetv2", TransNetV2Split), ("content", ContentSplit)):
-        cfg = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{name}.yaml"))
-        assert cfg.pop("name") == name
-        assert {"num_cpus", "num_gpus", "batch_size", "concurrency"} <= set(cfg.pop("resources"))
-        params = inspect.signature(cls.__init__).parameters
-        assert set(cfg) == set(params) - {"self"}
-        # Defaults in code mirror the YAML.
-        for key, value in cfg.items():
-            assert params[key].default == value, (name, key)
 
 
 def test_hub_id_weights_resolve_through_snapshot_download(tmp_path, monkeypatch) -> None:
@@ -334,7 +315,7 @@ def test_runs_as_ray_actor_pool_udf(cut_videos) -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ds = ray.data.from_arrow(_video_table(cut_videos))
-        out = ds.map_batches(TransNetV2Split, fn_constructor_kwargs={"device": "cpu", "torch_threads": 1},
+        out = ds.map_batches(TransNetV2Split, fn_constructor_kwargs=stage_args("split", "transnetv2", device="cpu", torch_threads=1),
                              batch_size=2, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
                              num_cpus=1)
         rows = {r["uri"]: r for r in out.take_all()}

@@ -11,18 +11,25 @@ import pytest
 from PIL import Image
 
 from engine.sample import read_frame_index, write_video
+from reelsift_conf import stage_args
 from udfs.media.probe import ProbeVideos
 from udfs.split.fixed_stride import FixedStrideSplit
 from udfs.media.transcode import ClipTranscoder
 from udfs.media.video import decode_rgb, decode_rgb_bytes
 
 
+def transcoder(**overrides) -> ClipTranscoder:
+    """conf's transcode settings; no previews or motion unless a test asks."""
+    return ClipTranscoder(**stage_args("transcode", **{"preview": None, "motion": None, **overrides}))
+
+
 def plan(uris: list[str], **split) -> pa.Table:
-    return FixedStrideSplit(**{"clip_len_s": 10.0, "min_clip_s": 2.0, **split})(ProbeVideos()(pa.table({"uri": uris})))
+    spans = FixedStrideSplit(**stage_args("split", "fixed_stride", **{"clip_len_s": 10.0, "min_clip_s": 2.0, **split}))
+    return spans(ProbeVideos(**stage_args("probe"))(pa.table({"uri": uris})))
 
 
 def transcode(table: pa.Table, **kwargs) -> list[dict]:
-    stage = ClipTranscoder(**{"preset": "ultrafast", "crf": 18, **kwargs})
+    stage = transcoder(**{"preset": "ultrafast", "crf": 18, **kwargs})
     out = list(stage(table))
     return pa.concat_tables(out).to_pylist() if out else []
 
@@ -118,9 +125,9 @@ def test_span_past_the_end_is_an_error_row_not_a_crash(good_videos):
 
 
 def test_encoder_selection():
-    assert ClipTranscoder(encoder="auto").encoder in ("libx264", "h264_nvenc")
+    assert transcoder(encoder="auto").encoder in ("libx264", "h264_nvenc")
     with pytest.raises(ValueError, match="unsupported encoder"):
-        ClipTranscoder(encoder="vp9")
+        transcoder(encoder="vp9")
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="NVENC needs a CUDA GPU")
@@ -160,7 +167,7 @@ def test_one_encoder_per_video_with_frame_threads(good_videos):
                        preview={"enabled": False}, keep_audio=False)
     assert "sliced_threads=1" in _x264_settings(sliced[0]["mp4"])
     with pytest.raises(ValueError, match="thread_type"):
-        ClipTranscoder(thread_type="frames")
+        transcoder(thread_type="frames")
 
 
 def test_gapped_spans_from_one_encoder_are_exact(good_videos):
@@ -194,8 +201,8 @@ def test_motion_from_packets_equals_decoding_the_clip(good_videos, name, split, 
     from udfs.analysis.clip_analysis import ClipAnalysis
 
     table = plan([str(good_videos[name])], **split)
-    out = pa.concat_tables(list(ClipTranscoder(preset=preset, crf=23, motion=MOTION,
-                                               preview={"enabled": False})(table)))
+    out = pa.concat_tables(list(transcoder(preset=preset, crf=23, motion=MOTION,
+                                           preview={"enabled": False})(table)))
     scored = out.column("motion_global_mean").to_pylist()
     assert out.num_rows >= 1 and all(s is not None for s in scored)
     bare = out.drop_columns(["motion_global_mean", "motion_per_patch_min", "passed", "filter_reason"])

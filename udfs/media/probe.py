@@ -64,7 +64,7 @@ def probe_video(uri: str, *, count_packets: bool = False, storage_options: dict[
 class ProbeVideos:
     """Video-table batch of `uri`s -> the probe columns."""
 
-    def __init__(self, *, count_packets: bool = False, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, count_packets: bool, storage_options: dict[str, Any] | None = None) -> None:
         self.count_packets = count_packets
         self.storage_options = storage_options
 

@@ -45,7 +45,7 @@ def fixed_stride_spans(
 class FixedStrideSplit:
     """Video-table batch -> the span columns, one list of spans per video."""
 
-    def __init__(self, *, clip_len_s: float = 10.0, stride_s: float | None = None, min_clip_s: float = 2.0) -> None:
+    def __init__(self, *, clip_len_s: float, stride_s: float | None, min_clip_s: float) -> None:
         # Fail at construction, not per row, on a config that cannot work.
         fixed_stride_spans(1, 1.0, clip_len_s=clip_len_s, stride_s=stride_s, min_clip_s=min_clip_s)
         self.clip_len_s = clip_len_s
