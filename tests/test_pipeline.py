@@ -174,7 +174,7 @@ def test_chained_tasks_share_one_output(ray_session, good_videos, tmp_path):
 def test_transcode_batch_spreads_few_videos_over_the_cluster():
     """A transcode task takes its configured batch of videos, unless the run
     has too few videos to give every transcode slot one batch."""
-    from engine.curate.task import transcode_batch
+    from engine.curate.plan import transcode_batch
     from engine.runtime.stages import StageStep
     from udfs.media.transcode import ClipTranscoder
 
@@ -191,27 +191,28 @@ def test_admission_fills_every_transcode_slot():
     """Unset, the in-flight limit lets every transcode slot hold a full batch
     (a 64-CPU node must not run half its encoders); set, it is honoured down
     to one batch of each stage plus a chunk."""
-    from engine.curate.task import admission
+    from engine.curate.plan import StagePlan, admission
     from engine.runtime.stages import StageStep
     from udfs.media.transcode import ClipTranscoder
 
     video_steps = [StageStep("probe", object, {}, num_cpus=1, batch_size=8),
                    StageStep("split", object, {}, num_cpus=0.25, batch_size=16)]
     transcode = StageStep("transcode", ClipTranscoder, {}, num_cpus=1, batch_size=8)
+    plan = StagePlan(video=video_steps, transcode=transcode)
     cfg = config("input=x", "output=y")
-    limit, chunk = admission(cfg, 2, 0, video_steps, [transcode])
+    limit, chunk = admission(cfg, 2, 0, plan)
     assert limit >= 8 + 16 + 2 * 8 and chunk >= 1
-    limit, _ = admission(cfg, 64, 0, video_steps, [transcode])
+    limit, _ = admission(cfg, 64, 0, plan)
     assert limit >= 64 * 8
     capped = config("input=x", "output=y", "write.max_videos_in_flight=4")
-    limit, chunk = admission(capped, 64, 0, video_steps, [transcode])
+    limit, chunk = admission(capped, 64, 0, plan)
     assert limit == 8 + 16 + 8 + chunk
 
 
 def test_encoder_threads_bounded_on_a_big_node():
     """x264 picks its threads on a small node; on a big one an encoder gets
     at most 4 per CPU its task holds; a set value is kept."""
-    from engine.curate.task import encoder_threads
+    from engine.curate.plan import encoder_threads
     from engine.runtime.stages import StageStep
     from udfs.media.transcode import ClipTranscoder
 

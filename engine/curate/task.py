@@ -16,222 +16,36 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
-import os
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from engine.store import outputs
 from engine.curate.commits import CommitPolicy, OutputStore, Progress, ready_rows
-from engine.export import check_export_target, write_exports
-from engine.store.lance_io import FragmentWriter
 from engine.curate.input_chunks import InputChunks
 from engine.curate.ledger import drain_reports, report_uncut, reporting, start_ledger
+from engine.curate.plan import StagePlan, admission, encoder_threads, plan_stages, table_metadata, transcode_batch
+from engine.curate.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, resume_mode
+from engine.export import check_export_target, write_exports
 from engine.runtime.ray_session import cluster_resources, ensure_ray, largest_node_cpus
-from engine.curate.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, encode, resume_mode
-from udfs.schema import CLIP_FILTER_FIELDS, clip_schema, video_id_for
-from engine.runtime.stages import StageStep, apply_stage, check_gpus, fit_to_cluster, node_dict, stage_params, worker_slots
-from udfs.uris import READ_RETRIES_KEY, chunked, iter_inputs, lance_storage_options
-from udfs import registry
+from engine.runtime.stages import StageStep, apply_stage, check_gpus, node_dict
+from engine.store import outputs
+from engine.store.lance_io import FragmentWriter
 from udfs.analysis.filtering import finalize_filter_columns
-from udfs.spec import StageSpec
+from udfs.schema import video_id_for
+from udfs.uris import chunked, iter_inputs, lance_storage_options
 
 log = logging.getLogger(__name__)
 
-# URIs per input chunk (one read task), at most: the unit the ledger admits.
-# A quarter of the in-flight limit, so admission stays fine-grained.
-MAX_INPUT_CHUNK = 256
 # How often the driver looks for finished videos when no output arrives.
 POLL_S = 0.5
-
-
-def stage_storage_options(cfg: DictConfig) -> dict[str, Any]:
-    """What the stages that read inputs get: the credentials plus the read
-    retry policy (`read_retries`)."""
-    options = dict(outputs.storage_options(cfg) or {})
-    options[READ_RETRIES_KEY] = node_dict(cfg, "read_retries")
-    return options
-
-
-def _dotted(params: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str]:
-    """(the dict holding dotted `key`, its last part); None when a level is missing."""
-    *parents, leaf = key.split(".")
-    holder: Any = params
-    for part in parents:
-        holder = holder.get(part) if isinstance(holder, dict) else None
-    return (holder if isinstance(holder, dict) else None), leaf
-
-
-def resolve_models(spec: StageSpec, params: dict[str, Any]) -> dict[str, Any]:
-    """`params` with the spec's models resolved on the driver: a hub id is
-    downloaded once here rather than in every actor, a missing folder or file
-    fails the run before any video is decoded, naming it."""
-    if not (spec.models or spec.weights or spec.files):
-        return params
-    import copy
-
-    out = copy.deepcopy(params)
-    if spec.models or spec.weights:
-        from udfs.models.loading import resolve_model
-
-    for key in spec.models:
-        holder, leaf = _dotted(out, key)
-        if holder is not None and holder.get(leaf):
-            holder[leaf] = resolve_model(str(holder[leaf]), revision=holder.get("revision"))
-    for key in spec.weights:  # a weights file or folder as it is, else a hub id
-        holder, leaf = _dotted(out, key)
-        if holder is not None and holder.get(leaf) and not os.path.exists(str(holder[leaf])):
-            holder[leaf] = resolve_model(str(holder[leaf]), revision=holder.get("revision"))
-    for key in spec.files:
-        holder, leaf = _dotted(out, key)
-        path = holder.get(leaf) if holder is not None else None
-        if not path or not os.path.exists(str(path)):
-            raise FileNotFoundError(f"{spec.node}.{key} not found: {path!r}")
-        # Absolute: actors may not share the driver's working directory.
-        holder[leaf] = os.path.abspath(str(path))
-    return out
-
-
-def stage_step(cfg: DictConfig, spec: StageSpec, **extra: Any) -> StageStep:
-    """The Ray Data step of a registered stage, from its config node: the
-    node's keys, the arguments the engine supplies, its models resolved."""
-    node = node_dict(cfg, spec.node)
-    params = {k: v for k, v in stage_params(node).items() if k not in spec.engine_only}
-    for key in spec.supplied:
-        if key == "storage_options":
-            params[key] = stage_storage_options(cfg)
-        elif key == "name":
-            params[key] = node["name"]
-        elif key in registry.NODES:  # a node that feeds this stage (motion, preview)
-            params[key] = node_dict(cfg, key)
-    params.update(extra)
-    params = resolve_models(spec, params)
-    return StageStep.from_node(spec.step or spec.node, spec.impl, {"resources": node.get("resources") or {}},
-                               params=params, extra_fields=spec.added_columns(params))
-
-
-def active_specs(cfg: DictConfig, level: str) -> list[StageSpec]:
-    """The registered stages of `level` this config turns on, in pipeline order
-    (stages without a class of their own, and the frame decode, excluded)."""
-    out = []
-    for node in registry.NODES:
-        data = node_dict(cfg, node)
-        spec = registry.spec_for(node, data)
-        if spec is not None and spec.level == level and spec.is_on(data):
-            out.append(spec)
-    return out
-
-
-def plan_video_stages(cfg: DictConfig, num_videos: int | None) -> list[StageStep]:
-    """Probe, then the split the config names."""
-    return [dataclasses.replace(stage_step(cfg, spec), max_parallel=num_videos)
-            for spec in active_specs(cfg, "video") if spec.impl]
-
-
-def plan_clip_stages(cfg: DictConfig, num_videos: int | None) -> list[StageStep]:
-    """Transcode (with the motion scores and previews of the nodes that feed
-    it), then (when a model stage needs frames) one decode of each clip for
-    them, then the model stages.
-
-    Models are resolved here, on the driver, before any video is decoded: a
-    missing path fails the run at once, and a hub id downloads once. (Model
-    loading imports torch, ~2 s: only runs with a model stage pay for it.)"""
-    specs = active_specs(cfg, "clip")
-    transcode = [stage_step(cfg, s) for s in specs if s.node == "transcode"]
-    # Columns of the nodes that feed transcode (the motion scores) are its own.
-    fed = [f for s in specs if s.impl is None for f in s.added_columns(node_dict(cfg, s.node))]
-    transcode = [dataclasses.replace(transcode[0], extra_fields=[*transcode[0].extra_fields, *fed],
-                                     max_parallel=num_videos)]
-    consumers: dict[str, Any] = {}
-    model_steps: list[StageStep] = []
-    for spec in specs:
-        if spec.impl is None or spec.node == "transcode" or spec.serves_frames:
-            continue
-        model_steps.append(stage_step(cfg, spec))
-        if spec.frames:
-            holder, leaf = _dotted(node_dict(cfg, spec.frames.split(".")[0]), spec.frames.split(".", 1)[1])
-            consumer = model_steps[-1].params.get("consumer", spec.frame_consumer)
-            consumers[consumer] = holder.get(leaf) if holder is not None else None
-    steps = transcode
-    if consumers:
-        missing = [name for name, frame_spec in consumers.items() if not frame_spec]
-        if missing:
-            raise ValueError(f"no frame spec for consumer(s) {missing}: set frames.consumers.aesthetic, "
-                             "embed.frames or caption.frames")
-        decode = next(s for s in registry.STAGES if s.serves_frames)
-        steps.append(stage_step(cfg, decode, consumers=consumers, motion=None))
-    return steps + model_steps
-
-
-def table_metadata(cfg: DictConfig, schema: pa.Schema) -> dict[str, str]:
-    """Facts a reader of the clip table needs: which model made the vectors,
-    and which settings made the clips (checked when a run resumes)."""
-    meta = {"reelsift.split": str(cfg.split.name), SETTINGS_KEY: encode(clip_settings(cfg))}
-    if "embedding" in schema.names:
-        meta.update({
-            "embedding_name": str(cfg.embed.name),
-            "embedding_model": str(cfg.embed.model),
-            "embedding_dim": str(schema.field("embedding").type.list_size),
-        })
-        if cfg.embed.get("revision"):
-            meta["embedding_model_revision"] = str(cfg.embed.revision)
-    return meta
-
-
-def transcode_batch(step: StageStep, videos: int, cpus: float, gpus: float) -> int | None:
-    """Videos per transcode task: the configured batch, but never so large
-    that fewer tasks than the cluster's transcode slots would get videos
-    (a few videos on a big cluster spread over its nodes)."""
-    if not step.batch_size:
-        return step.batch_size
-    spread = max(1, -(-videos // max(1, worker_slots(step, cpus, gpus))))
-    return max(1, min(int(step.batch_size), spread))
-
-
-def admission(cfg: DictConfig, cpus: float, gpus: float, video_steps: list[StageStep],
-              clip_steps: list[StageStep]) -> tuple[int, int]:
-    """(videos admitted at once, URIs per input chunk).
-
-    A video is in flight from admission to the end of its transcode task
-    (never fused with the stage after it). Every stage waits for a full
-    batch before it starts, and admitted videos can sit in each of those
-    batches at once, so a limit below their sum plus a chunk could stall the
-    stream; it never goes below that. Unset, it is also large enough for
-    every transcode slot of the cluster to hold a batch at once."""
-    configured = cfg.write.get("max_videos_in_flight")
-    transcode = clip_steps[0]
-    batch = transcode.batch_size or 1
-    upstream = sum(s.batch_size or 1 for s in video_steps)
-    if configured:
-        wanted = int(configured)
-    else:
-        wanted = max(int(4 * cpus), upstream + max(1, worker_slots(transcode, cpus, gpus)) * batch)
-    chunk = max(1, min(MAX_INPUT_CHUNK, wanted // 4))
-    floor = upstream + batch + chunk
-    return max(wanted, floor), chunk
-
-
-def encoder_threads(step: StageStep, node_cpus: float) -> StageStep:
-    """`step` with `threads: 0` bounded on a big node.
-
-    x264's own choice is 1.5 threads per core of the node, for each of the
-    node's encoders: on a node with many transcode slots that is thousands
-    of threads, each holding frames. There, an encoder gets at most 4
-    threads per CPU its task holds; a small node keeps x264's choice."""
-    if step.params.get("threads") or step.num_gpus > 0:
-        return step
-    cap = max(2, math.ceil(4 * step.num_cpus))
-    if 1.5 * node_cpus <= cap:
-        return step
-    return dataclasses.replace(step, params={**step.params, "threads": cap})
 
 
 def open_output(store: OutputStore, cfg: DictConfig, run_id: str) -> tuple[set[str], dict[str, Any]]:
@@ -300,9 +114,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # Checked before any work, not after hours of transcoding.
     check_export_target(cfg.export, output)
-    video_steps = plan_video_stages(cfg, None)
-    clip_steps = plan_clip_stages(cfg, None)
-    final_clip_schema = clip_schema([*(f for step in clip_steps for f in step.extra_fields), *CLIP_FILTER_FIELDS])
+    plan = plan_stages(cfg)
+    final_clip_schema = plan.clip_schema()
     final_clip_schema = final_clip_schema.with_metadata(table_metadata(cfg, final_clip_schema))
 
     run_id = uuid.uuid4().hex[:12]
@@ -312,11 +125,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ensure_ray(cfg.ray)
     ray_start = time.perf_counter()
     cpus, gpus = cluster_resources()
-    check_gpus([*video_steps, *clip_steps], gpus)
-    limit, chunk = admission(cfg, cpus, gpus, video_steps, clip_steps)
-    # The ledger is also the stages' clock (one bookkeeping actor per run).
-    ledger_name = f"reelsift_ledger_{run_id}"
-    ledger = start_ledger(ledger_name, limit)
+    check_gpus(plan.steps, gpus)
+    limit, chunk = admission(cfg, cpus, gpus, plan)
+    state = CurateRun(cfg=cfg, store=store, run_id=run_id, started=started, cpus=cpus, gpus=gpus, limit=limit)
+    state.ledger = start_ledger(state.ledger_name, limit)
     try:
         chunks, listed, skipped = feed_inputs(uris, done, chunk)
         done.clear()
@@ -325,12 +137,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stream = {"videos_committed": 0, "videos_incomplete": 0, "first_commit_s": None, "commits": 0, "commit_s": 0.0,
                   "max_videos_in_flight": limit, "most_videos_in_flight": 0}
         if pending:
-            stream.update(curate_stream(cfg, store, chunks, video_steps, clip_steps, ledger, ledger_name, run_id,
-                                        limit, cpus, gpus, started))
+            stream.update(curate_stream(state, chunks, plan))
         pipeline_s = time.perf_counter() - ray_start
-        stage_times = ray.get(ledger.snapshot.remote())
+        stage_times = ray.get(state.ledger.snapshot.remote())
     finally:
-        ray.kill(ledger)
+        ray.kill(state.ledger)
 
     removed = store.remove_orphans()
     clips = store.clips()
@@ -347,21 +158,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, int]], video_steps: list[StageStep],
-                  clip_steps: list[StageStep], ledger: Any, ledger_name: str, run_id: str, limit: int, cpus: float,
-                  gpus: float, started: float) -> dict[str, Any]:
-    """Run the stream over `chunks` and commit videos as they complete.
-    `ledger` admits videos, collects transcode reports and stage times."""
-    pending = sum(n for _, n in chunks)
-    # No pool larger than the videos there are (or may be in flight).
-    video_steps = [dataclasses.replace(s, max_parallel=min(pending, limit)) for s in video_steps]
-    transcode, *later_steps = clip_steps
+@dataclass
+class CurateRun:
+    """One curate run, as its stream and commits see it."""
+
+    cfg: DictConfig
+    store: OutputStore
+    run_id: str
+    started: float  # perf_counter() when the run began
+    cpus: float
+    gpus: float
+    limit: int  # videos admitted at once
+    # The ledger admits videos, collects transcode reports and is the stages'
+    # clock (one bookkeeping actor per run).
+    ledger: Any = None
+
+    @property
+    def ledger_name(self) -> str:
+        return f"reelsift_ledger_{self.run_id}"
+
+
+def stream_plan(run: CurateRun, plan: StagePlan, pending: int) -> StagePlan:
+    """`plan` as the stream runs `pending` videos: no pool larger than the
+    videos there are (or may be in flight), transcode reporting to the
+    ledger, a writer added, every pool fitted to the cluster."""
+    most = min(pending, run.limit)
+    transcode = plan.transcode
     # Transcode keeps its own batch of videos: never fused with the clip stage
     # after it (whose batch of clips would become a batch of videos).
     transcode = dataclasses.replace(encoder_threads(transcode, largest_node_cpus()),
-                                    cls=reporting(transcode.cls, ledger_name), max_parallel=min(pending, limit),
-                                    fuse=False, batch_size=transcode_batch(transcode, pending, cpus, gpus))
-    write_node = node_dict(cfg, "write")
+                                    cls=reporting(transcode.cls, run.ledger_name), max_parallel=most, fuse=False,
+                                    batch_size=transcode_batch(transcode, pending, run.cpus, run.gpus))
+    write_node = node_dict(run.cfg, "write")
+    store = run.store
     writer = StageStep.from_node("write", FragmentWriter, {"resources": write_node.get("resources") or {}}, params={
         "uri": store.layout.clips, "schema": store.clip_schema, "storage_options": store.storage_options})
     if writer.concurrency is None and write_node.get("cpus_per_writer"):
@@ -369,10 +198,17 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
         # a burst of blocks (the end of a long video) started one Ray worker
         # process per writer task, ~200 MB each, kept afterwards as idle
         # workers: peak memory grew with video length.
-        writer = dataclasses.replace(writer, concurrency=max(2, int(cpus // float(write_node["cpus_per_writer"]))))
-    steps = fit_to_cluster([*video_steps, transcode, *later_steps, writer], cpus, gpus)
-    n_video = len(video_steps)
-    video_steps, (transcode, *later_steps, writer) = steps[:n_video], steps[n_video:]
+        writer = dataclasses.replace(writer,
+                                     concurrency=max(2, int(run.cpus // float(write_node["cpus_per_writer"]))))
+    video = [dataclasses.replace(s, max_parallel=most) for s in plan.video]
+    return StagePlan(video=video, transcode=transcode, clip=plan.clip, writer=writer).fitted(run.cpus, run.gpus)
+
+
+def curate_stream(run: CurateRun, chunks: list[tuple[Any, int]], plan: StagePlan) -> dict[str, Any]:
+    """Run the stream over `chunks` and commit videos as they complete."""
+    cfg, store, ledger = run.cfg, run.store, run.ledger
+    plan = stream_plan(run, plan, pending=sum(n for _, n in chunks))
+    write_node = node_dict(cfg, "write")
 
     # Ray Data's per-stage CPU reservations (each stage at least its task's
     # share, upstream first) do not fit a small cluster running every stage
@@ -389,7 +225,7 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
     if write_node.get("max_block_mb"):
         context.target_max_block_size = int(float(write_node["max_block_mb"]) * 2**20)
     try:
-        ds = build_stream(chunks, ledger_name, video_steps, transcode, later_steps, writer, ledger_name, cpus, gpus)
+        ds = build_stream(run, chunks, plan)
     finally:
         context.op_resource_reservation_enabled, context.target_max_block_size = saved
 
@@ -410,12 +246,12 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
             if ready and (end or policy.due(len(ready), ready_rows(progress, ready))):
                 rows, fragments, _ = progress.take(ready)
                 commit_started = time.perf_counter()
-                store.commit(rows, fragments, run_id)
+                store.commit(rows, fragments, run.run_id)
                 commit_s += time.perf_counter() - commit_started
                 policy.committed()
                 committed += len(ready)
                 if first_commit_s is None:
-                    first_commit_s = time.perf_counter() - started
+                    first_commit_s = time.perf_counter() - run.started
                 log.info("committed %d videos (%d this run, %d in flight)", len(ready), committed,
                          len(progress.videos))
         most_in_flight = ray.get(ledger.most_in_flight.remote())
@@ -436,27 +272,27 @@ def curate_stream(cfg: DictConfig, store: OutputStore, chunks: list[tuple[Any, i
 
 
 
-def build_stream(chunks: list[tuple[Any, int]], ledger_name: str, video_steps: list[StageStep], transcode: StageStep,
-                 later_steps: list[StageStep], writer: StageStep, clock_name: str, cpus: float,
-                 gpus: float) -> ray.data.Dataset:
+def build_stream(run: CurateRun, chunks: list[tuple[Any, int]], plan: StagePlan) -> ray.data.Dataset:
     """The run's Ray Data job: input chunks -> video stages -> transcode ->
-    clip stages -> writers."""
+    clip stages -> writers (`plan`, as `stream_plan` made it)."""
+    name, cpus, gpus = run.ledger_name, run.cpus, run.gpus
     # Reads wait on the ledger, so they take no CPU and run one at a time.
-    ds = ray.data.read_datasource(InputChunks(chunks, ledger_name), override_num_blocks=len(chunks), concurrency=1,
+    ds = ray.data.read_datasource(InputChunks(chunks, name), override_num_blocks=len(chunks), concurrency=1,
                                   num_cpus=0)
-    for step in video_steps:
-        ds = apply_stage(ds, step, clock_name, cpus, gpus)
+    for step in plan.video:
+        ds = apply_stage(ds, step, name, cpus, gpus)
     # Same resources as the split step, so Ray Data fuses the two when it can.
-    ds = ds.map_batches(report_uncut, fn_kwargs={"ledger_name": ledger_name}, batch_format="pyarrow",
-                        batch_size=None, num_cpus=video_steps[-1].num_cpus)
-    ds = one_video_per_block(ds, video_steps[-1].num_cpus)
-    for step in [transcode, *later_steps]:
-        ds = apply_stage(ds, step, clock_name, cpus, gpus)
+    ds = ds.map_batches(report_uncut, fn_kwargs={"ledger_name": name}, batch_format="pyarrow",
+                        batch_size=None, num_cpus=plan.video[-1].num_cpus)
+    ds = one_video_per_block(ds, plan.video[-1].num_cpus)
+    for step in [plan.transcode, *plan.clip]:
+        ds = apply_stage(ds, step, name, cpus, gpus)
     # Every good clip passes unless a filter said otherwise; error rows get passed=null.
     # The writer's share of a CPU (not Ray Data's default of a whole one, which
     # stage actors may never leave free), so the two fuse into the writers.
-    ds = ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None, num_cpus=writer.num_cpus)
-    ds = apply_stage(ds, writer, clock_name, cpus, gpus)
+    ds = ds.map_batches(finalize_filter_columns, batch_format="pyarrow", batch_size=None,
+                        num_cpus=plan.writer.num_cpus)
+    ds = apply_stage(ds, plan.writer, name, cpus, gpus)
     return ds
 
 
