@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import lance
+import pyarrow as pa
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -285,3 +286,34 @@ def test_a_local_ray_is_stopped_whole_without_the_monitors_wait():
         except (ProcessLookupError, FileNotFoundError):
             pass
     assert not still, f"Ray processes outlived the command: {still}"
+
+
+class _AddOne:
+    def __init__(self, *, by: int) -> None:
+        self.by = by
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.set_column(0, "x", pa.array([v + self.by for v in batch.column("x").to_pylist()]))
+
+
+def test_ray_data_operators_carry_the_stage_names(ray_session):
+    """Logs, progress and the dashboard show `probe` or `transcode`, not the
+    helper that calls a stage or the class that implements it."""
+    import ray
+
+    from engine.curate.ledger import start_ledger
+    from engine.runtime.stages import StageStep, apply_stage
+
+    clock = start_ledger("reelsift_ledger_names_test", 4)
+    try:
+        ds = ray.data.from_arrow(pa.table({"x": [1, 2, 3]}))
+        tasks = StageStep("stateless_stage", _AddOne, {"by": 1}, num_cpus=0.25, batch_size=2, actors=False, fuse=False)
+        actors = StageStep("pooled_stage", _AddOne, {"by": 10}, num_cpus=0.25, batch_size=2)
+        ds = apply_stage(apply_stage(ds, tasks, "reelsift_ledger_names_test", 2, 0), actors,
+                         "reelsift_ledger_names_test", 2, 0)
+        assert sorted(r["x"] for r in ds.take_all()) == [12, 13, 14]
+        stats = ds.stats()
+    finally:
+        ray.kill(clock)
+    assert "MapBatches(stateless_stage)" in stats and "MapBatches(pooled_stage)" in stats, stats
+    assert "_call_stage" not in stats and "_AddOne" not in stats

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,9 +137,16 @@ def fit_to_cluster(steps: list[StageStep], cpus: float, gpus: float) -> list[Sta
     return scaled
 
 
-def _call_stage(batch: pa.Table, *, stage: type, params: dict[str, Any]) -> pa.Table:
-    """Task-mode entry point: build the (cheap, stateless) stage per batch."""
-    return stage(**params)(batch)
+def _task_fn(name: str) -> Callable[..., pa.Table]:
+    """Task-mode entry point, named after the stage: Ray Data names its
+    operator (logs, progress, dashboard) after the function it maps."""
+
+    def call(batch: pa.Table, *, stage: type, params: dict[str, Any]) -> pa.Table:
+        # Stateless stages are cheap to build, so one per batch.
+        return stage(**params)(batch)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 def apply_stage(ds: ray.data.Dataset, step: StageStep, clock_name: str, cpus: float,
@@ -155,7 +163,7 @@ def apply_stage(ds: ray.data.Dataset, step: StageStep, clock_name: str, cpus: fl
             # default per-worker call limit (0: none), stated explicitly,
             # keeps this one apart. (Actor steps are never fused downstream.)
             common["max_calls"] = 0
-        return ds.map_batches(_call_stage, fn_kwargs={"stage": stage, "params": step.params}, compute=compute,
+        return ds.map_batches(_task_fn(step.name), fn_kwargs={"stage": stage, "params": step.params}, compute=compute,
                               **common)
     return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=actor_pool(step, cpus, gpus), **common)
 

@@ -84,5 +84,6 @@ def timed(stage_cls: type, stage_name: str, clock_name: str) -> type:
                 yield out
             self._report(busy, rows_in, rows_out)
 
-    Timed.__name__ = Timed.__qualname__ = f"{stage_cls.__name__}"
+    # Ray Data names the operator after the class: the stage's name, not its implementation's.
+    Timed.__name__ = Timed.__qualname__ = stage_name
     return Timed
