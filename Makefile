@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 UV_ARGS := $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 EXTRAS ?= dev
 
-.PHONY: install sample test browser bench clean
+.PHONY: install sample test test-fast browser bench clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -25,19 +25,34 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 sample: install
 	$(BIN)/python -m engine +experiment=sample
 
+# Two pytest workers (pytest-xdist), a file per worker at a time: each worker
+# shares one Ray session across its tests, and the suite's waits (Ray start-up,
+# subprocess runs) overlap. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install browser
-	$(BIN)/python -m pytest -q
+	REELSIFT_BROWSER=$$(cat $(VENV)/.browser) $(PYTEST)
+
+# The quick lane for the inner loop: everything but the slow end-to-end runs.
+test-fast: install
+	$(PYTEST) -m "not slow"
 
 # Headless Chromium + chromedriver for the web UI's browser test
-# (tests/test_ui.py), from Debian's packages. Best-effort: without them (no
-# apt-get, no root, no network) the test skips and says why.
-browser:
-	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+# (tests/test_ui.py), from Debian's packages. Best-effort: without apt-get,
+# root or network the test skips and says why; where they installed, the
+# test is required ($(VENV)/.browser says which), and with CI=true it fails
+# rather than skips if the browser is then missing. apt's output goes to
+# $(VENV)/browser-install.log.
+browser: install
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then echo required > $(VENV)/.browser; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
-	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver ) \
-	    >/dev/null 2>&1 || echo "note: could not install chromium + chromium-driver; the browser test will be skipped"; \
-	else echo "note: no apt-get; the browser test will be skipped"; fi
+	  if ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver ) \
+	    > $(VENV)/browser-install.log 2>&1; then echo required > $(VENV)/.browser; \
+	  else echo optional > $(VENV)/.browser; \
+	    echo "note: could not install chromium + chromium-driver (see $(VENV)/browser-install.log); the browser test will be skipped"; fi; \
+	else echo optional > $(VENV)/.browser; echo "note: no apt-get; the browser test will be skipped"; fi
 
 bench:
 	$(MAKE) install EXTRAS=dev,bench

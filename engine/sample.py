@@ -89,10 +89,6 @@ class SceneRenderer:
         return img
 
 
-def scene_frame(index: int, width: int, height: int, scene: int = 0, moving: bool = True) -> np.ndarray:
-    return SceneRenderer(width, height).frame(index, scene, moving)
-
-
 def _add_video_stream(out: av.container.OutputContainer, *, codec: str, width: int, height: int, rate: Fraction,
                       crf: int, gop: int, pix_fmt: str | None) -> av.video.stream.VideoStream:
     stream = out.add_stream(codec, rate=rate)

@@ -30,6 +30,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.sample import write_video  # noqa: E402
+from reelsift_conf import stage_args  # noqa: E402
 from udfs.analysis.clip_analysis import ClipAnalysis  # noqa: E402
 from udfs.media.video import decode_rgb_bytes  # noqa: E402
 
@@ -69,10 +70,14 @@ def table_of(clip: bytes) -> pa.Table:
 
 def bench_decode(args, clips: list[bytes]) -> dict:
     step = round(args.fps / 2)
-    full = ClipAnalysis(consumers=CONSUMERS, motion=MOTION, decode_threads=args.decode_threads)
-    motion_only = ClipAnalysis(motion=MOTION, decode_threads=args.decode_threads)
-    frames_only = ClipAnalysis(consumers=CONSUMERS, decode_threads=args.decode_threads)
-    per_consumer = [ClipAnalysis(consumers={k: v}, decode_threads=args.decode_threads) for k, v in CONSUMERS.items()]
+    def analysis(consumers: dict | None, motion: dict | None) -> ClipAnalysis:
+        return ClipAnalysis(**stage_args("frames", consumers=consumers, motion=motion,
+                                         decode_threads=args.decode_threads))
+
+    full = analysis(CONSUMERS, MOTION)
+    motion_only = analysis(None, MOTION)
+    frames_only = analysis(CONSUMERS, None)
+    per_consumer = [analysis({k: v}, None) for k, v in CONSUMERS.items()]
 
     def separate(clip: bytes) -> None:
         motion_only(table_of(clip))
@@ -113,7 +118,8 @@ def bench_aesthetic(args, tmp: Path) -> dict:
     CLIPVisionModelWithProjection(config).save_pretrained(model_dir)
     CLIPImageProcessor().save_pretrained(model_dir)
     torch.save(AestheticHead(768).state_dict(), head_path)
-    scorer = AestheticScorer(model=str(model_dir), head=str(head_path), model_batch_size=args.image_batch, device="cpu")
+    scorer = AestheticScorer(**stage_args("aesthetic", model=str(model_dir), head=str(head_path),
+                                         model_batch_size=args.image_batch, device="cpu"))
     images = np.random.default_rng(0).integers(0, 256, (args.image_batch, 224, 224, 3), dtype=np.uint8)
     scorer.score_frames(images[:1])  # warm-up
     done, start = 0, time.perf_counter()

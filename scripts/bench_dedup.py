@@ -139,8 +139,7 @@ def score(group: np.ndarray, duplicate: np.ndarray) -> dict[str, float]:
 # ------------------------------------------------------------------ the two sides
 def run_task(table: Path, out: Path, overrides: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "engine", "task=dedup", f"output={out}", f"dedup.table={table}",
-           "ray.progress=false", *overrides]
+    cmd = [sys.executable, "-m", "engine", "task=dedup", f"output={out}", f"dedup.table={table}", *overrides]
     wall, mem, _ = run_measured(cmd)
     summary = json.loads((out / "dedup" / "summary.json").read_text())
     import lance

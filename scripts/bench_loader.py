@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -37,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.training.clip_frames import FrameSpec, plan_indices, resize_geometry  # noqa: E402
+from udfs.media.frames import FrameSpec, centre_crop, window_indices  # noqa: E402
 from engine.training.dataset import ClipDataset, sample_rng, worker_context  # noqa: E402
 
 
@@ -69,12 +68,12 @@ def make_table(root: Path, count: int, width: int, height: int, fps: int, second
 
 
 # ------------------------------------------------------------------ bare loop
-def bare_decode(task: tuple[str, list[int], tuple[int, int]]) -> int:
+def bare_decode(task: tuple[str, list[int], FrameSpec]) -> int:
     """Open one file with PyAV and decode `indices`, resized and cropped as
     the loader does; returns the frames decoded."""
     import av
 
-    path, indices, size = task
+    path, indices, spec = task
     wanted = set(indices)
     last = max(indices)
     got = {}
@@ -82,20 +81,18 @@ def bare_decode(task: tuple[str, list[int], tuple[int, int]]) -> int:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.thread_count = 1
-        geometry = None
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
-                if geometry is None:
-                    geometry = resize_geometry(frame.width, frame.height, size)
-                sw, sh, x, y = geometry
-                got[index] = frame.to_ndarray(format="rgb24", width=sw, height=sh)[y : y + size[0], x : x + size[1]]
+                sh, sw = spec.scaled_hw(frame.height, frame.width)
+                rgb = frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation=spec.interpolation)
+                got[index] = centre_crop(rgb, spec.output_size)
             if index >= last:
                 break
     frames = np.ascontiguousarray(np.stack([got[i] for i in indices]).transpose(0, 3, 1, 2))
     return int(frames.shape[0])
 
 
-def bare_share(tasks: list[tuple[str, list[int], tuple[int, int]]]) -> int:
+def bare_share(tasks: list[tuple[str, list[int], FrameSpec]]) -> int:
     return sum(bare_decode(t) for t in tasks)
 
 
@@ -107,12 +104,12 @@ def warm(_: int) -> int:
 
 
 def bare_tasks(paths: list[Path], spec: FrameSpec, fps: float, num_frames: int, seed: int,
-               epoch: int) -> list[tuple[str, list[int], tuple[int, int]]]:
+               epoch: int) -> list[tuple[str, list[int], FrameSpec]]:
     """Each file with the frame indices ClipDataset draws for its row."""
     tasks = []
     for row_id, path in enumerate(paths):
-        idx, _ = plan_indices(spec, lo=0, hi=num_frames, clip_fps=fps, rng=sample_rng(seed, epoch, row_id))
-        tasks.append((str(path), [int(i) for i in idx], spec.size))
+        idx, _ = window_indices(spec, lo=0, hi=num_frames, clip_fps=fps, rng=sample_rng(seed, epoch, row_id))
+        tasks.append((str(path), [int(i) for i in idx], spec))
     return tasks
 
 
@@ -187,7 +184,7 @@ def main() -> None:
     args.size = tuple(args.size)
     args.modes = [m for m in args.modes.split(",") if m]
     args.num_frames_clip = int(round(args.seconds * args.fps))
-    spec = FrameSpec(num_frames=args.num_frames, frame_stride=args.stride, size=args.size)
+    spec = FrameSpec.window(args.num_frames, frame_stride=args.stride, size=args.size)
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         root = Path(tmp)

@@ -193,7 +193,7 @@ def run_engine(label: str, inputs: Path, output: Path, *overrides: str, kill_at_
     import shutil
 
     cmd = [sys.executable, "-m", "engine", f"input={inputs}", f"output={output}", f"transcode.preset={PRESET}",
-           "ray.num_cpus=2", "ray.progress=false", *overrides]
+           "ray.num_cpus=2", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=WORK, env=env, start_new_session=True, stdout=subprocess.DEVNULL,

@@ -202,7 +202,7 @@ def engine_overrides(inputs: list[Path], out: Path, preset: str, crf: int, extra
         listing.write_text(json.dumps([str(p.resolve()) for p in inputs]))
         source = str(listing)
     return [f"input={source}", f"output={out}", "overwrite=true", f"transcode.preset={preset}",
-            f"transcode.crf={crf}", "ray.progress=false", *extra]
+            f"transcode.crf={crf}", *extra]
 
 
 def default_config(overrides: list[str]):
@@ -274,7 +274,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     t0 = time.perf_counter()
-    ensure_ray(OmegaConf.merge(default_config([]).ray, {"progress": False}))
+    ensure_ray(default_config([]).ray)
     results: dict[str, object] = {"ray_start_s": time.perf_counter() - t0, "cores": os.cpu_count(), "runs": []}
     raylet_pids = raylet_process_ids()
 

@@ -375,7 +375,7 @@ def check_qwen_caption(work: Path) -> Row:
                check=f"{shape('Qwen2.5-VL-7B widths, 4+4 layers')}, 8 frames x {SIZES['qwen_frames']} px: "
                      "next-token logits cosine(gpu bf16, "
                      f"cpu fp32) {cos:.4f}, same top token: {same_top}",
-               gpu=rate(gpu_tokens, gpu_s, "tokens") + f" (4 windows)",
+               gpu=rate(gpu_tokens, gpu_s, "tokens") + " (4 windows)",
                cpu=rate(cpu.last_generated_tokens, cpu_s, "tokens") + " (1 window)")
 
 

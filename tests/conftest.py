@@ -12,7 +12,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+from engine.runtime.ray_session import DEPENDENCY_NOISE  # noqa: E402
 from engine.sample import write_video  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The dependencies' own noise, as a run ignores it (pytest's per-test
+    # warning capture would otherwise show it again).
+    for category, message in DEPENDENCY_NOISE:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
 
 # name -> write_video arguments. Odd sizes, several rates, one shorter than a
 # clip, one with audio: the shapes the split rule and encoder must handle.
@@ -123,7 +131,7 @@ def training_output(ray_session, tmp_path_factory) -> Path:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"input=[{','.join(str(v) for v in videos)}]", f"output={out}", "transcode.preset=ultrafast",
-            "motion.mode=disable", "split.clip_len_s=2", "split.min_clip_s=1", "ray.progress=false",
+            "motion.mode=disable", "split.clip_len_s=2", "split.min_clip_s=1",
             "export.format=parquet"])
     summary = run(cfg)
     (root / "curate_summary.json").write_text(json.dumps(summary, default=str))

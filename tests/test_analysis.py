@@ -13,10 +13,11 @@ import pyarrow as pa
 import pytest
 import torch
 
+from reelsift_conf import stage_args
 from udfs.schema import CLIP_FILTER_FIELDS, frame_columns
 from engine.sample import read_frame_index, write_video
 from udfs.analysis.clip_analysis import ClipAnalysis
-from udfs.analysis.frames import drop_frame_columns, parse_consumers, plan_decode
+from udfs.media.frames import drop_frame_columns, parse_consumers, plan_decode
 from udfs.media.video import unpack_frames
 
 torch.set_num_threads(1)
@@ -28,6 +29,11 @@ CONSUMERS = {
     "thumb": {"policy": "middle", "size": [60, 80]},
 }
 MOTION = {"mode": "enable", "global_mean_threshold": 0.00098, "per_patch_min_threshold": 1e-6, "fps": 2}
+
+
+def analysis(*, consumers: dict | None = None, motion: dict | None = None, **overrides) -> ClipAnalysis:
+    """ClipAnalysis as conf/ builds it, with only `consumers` (none when not given) and `motion`."""
+    return ClipAnalysis(**stage_args("frames", consumers=consumers or {}, motion=motion, **overrides))
 
 
 def _clip_bytes(tmp: Path, name: str, **kwargs) -> bytes:
@@ -85,8 +91,26 @@ def test_plan_indices_per_policy():
         parse_consumers({"x": {"policy": "sequence"}})
 
 
+def test_training_samples_and_clip_stages_take_the_same_frames(clips):
+    # One frame vocabulary: a training window and a clip-stage consumer asking for the
+    # same frames at the same geometry get identical pixels from udfs.media.frames.
+    import io
+
+    from udfs.media.frames import FrameSpec, decode_frames
+
+    window = FrameSpec.window(3, fps=1, size=(112, 112))
+    consumer = {"policy": "sequence", "fps": 1, "size": 112, "crop": True, "interpolation": window.interpolation}
+    out = analysis(consumers={"aesthetic": consumer})(_table([("m", clips["moving"], None)]))
+    staged = unpack_frames(out.column("aesthetic_frames")[0].as_py(), out.column("aesthetic_frame_hw")[0].as_py())
+    sampled = decode_frames(io.BytesIO(clips["moving"]), window, np.array([0, 24, 48]))
+    assert sampled.shape == (3, 3, 112, 112)
+    np.testing.assert_array_equal(sampled.transpose(0, 2, 3, 1), staged)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        parse_consumers({"x": {"policy": "window", "count": 4}})  # a clip stage draws no random windows
+
+
 def test_extracted_frames_are_the_planned_frames(clips):
-    out = ClipAnalysis(consumers=CONSUMERS, motion=None)(_table([("m", clips["moving"], None)]))
+    out = analysis(consumers=CONSUMERS, motion=None)(_table([("m", clips["moving"], None)]))
     assert "motion_global_mean" not in out.column_names and "passed" not in out.column_names
     row = out.to_pylist()[0]
     expect = {"aesthetic": [0, 24, 48], "caption": [0, 12, 24, 36, 48, 60], "thumb": [36],
@@ -111,7 +135,7 @@ def test_extracted_frames_are_the_planned_frames(clips):
 
 
 def test_drop_frame_columns_helper(clips):
-    out = ClipAnalysis(consumers=CONSUMERS)(_table([("m", clips["moving"], None)]))
+    out = analysis(consumers=CONSUMERS)(_table([("m", clips["moving"], None)]))
     dropped = drop_frame_columns(out, "embed")
     assert not set(frame_columns("embed")) & set(dropped.column_names)
     assert set(frame_columns("aesthetic")) <= set(dropped.column_names)
@@ -128,7 +152,7 @@ def test_each_clip_decoded_once(clips, monkeypatch):
 
     monkeypatch.setattr(av, "open", counting_open)
     table = _table([("m", clips["moving"], None), ("s", clips["static"], None), ("o", clips["odd"], None)])
-    out = ClipAnalysis(consumers=CONSUMERS, motion=MOTION)(table)
+    out = analysis(consumers=CONSUMERS, motion=MOTION)(table)
     assert len(opened) == 3  # motion + four consumers from one decode per clip
     assert out.column("motion_global_mean").null_count == 0
     assert all(out.column("embed_frames").to_pylist())
@@ -227,7 +251,7 @@ def test_flow_field_edge_cases_match_reference():
 
 @pytest.mark.parametrize("name", ["moving", "static", "odd"])
 def test_motion_scores_match_reference(clips, name):
-    stage = ClipAnalysis(motion=MOTION, decode_threads=0)  # threaded decode must not change scores
+    stage = analysis(motion=MOTION, decode_threads=0)  # threaded decode must not change scores
     runs = [stage(_table([(name, clips[name], None)])).to_pylist()[0] for _ in range(4)]
     assert len({(r["motion_global_mean"], r["motion_per_patch_min"]) for r in runs}) == 1
     out = runs[0]
@@ -238,7 +262,7 @@ def test_motion_scores_match_reference(clips, name):
 
 def test_static_clip_is_low_motion_moving_passes(clips):
     table = _table([("m", clips["moving"], None), ("s", clips["static"], None)])
-    out = ClipAnalysis(motion=MOTION)(table).to_pylist()
+    out = analysis(motion=MOTION)(table).to_pylist()
     moving, static = out
     assert moving["passed"] is True and moving["filter_reason"] is None
     assert moving["motion_global_mean"] > 0.00098
@@ -246,13 +270,13 @@ def test_static_clip_is_low_motion_moving_passes(clips):
     assert static["filter_reason"].startswith("low motion:")
     assert static["motion_per_patch_min"] < 1e-6
     # score-only: same scores, nobody filtered.
-    scored = ClipAnalysis(motion={**MOTION, "mode": "score-only"})(table).to_pylist()
+    scored = analysis(motion={**MOTION, "mode": "score-only"})(table).to_pylist()
     assert [r["passed"] for r in scored] == [True, True]
     assert scored[1]["motion_global_mean"] == static["motion_global_mean"]
 
 
 def test_clip_without_motion_data_gets_reason(clips):
-    out = ClipAnalysis(motion=MOTION)(_table([("one", clips["single"], None)])).to_pylist()[0]
+    out = analysis(motion=MOTION)(_table([("one", clips["single"], None)])).to_pylist()[0]
     assert out["passed"] is False
     assert out["motion_global_mean"] is None
     assert "no motion data" in out["filter_reason"] and "intra-only or single-frame" in out["filter_reason"]
@@ -294,9 +318,10 @@ def test_aesthetic_scores_equal_direct_model_call(clips, tiny_aesthetic, reducti
     from udfs.analysis.aesthetic import AestheticScorer
 
     clip_dir, head_path, model, head = tiny_aesthetic
-    analysed = ClipAnalysis(consumers={"aesthetic": CONSUMERS["aesthetic"]})(
+    analysed = analysis(consumers={"aesthetic": CONSUMERS["aesthetic"]})(
         _table([("m", clips["moving"], None), ("o", clips["odd"], None)]))
-    scorer = AestheticScorer(model=str(clip_dir), head=str(head_path), reduction=reduction, model_batch_size=4)
+    scorer = AestheticScorer(**stage_args("aesthetic", model=str(clip_dir), head=str(head_path), reduction=reduction,
+                                          model_batch_size=4))
     out = scorer(analysed)
     assert not set(frame_columns("aesthetic")) & set(out.column_names)
     assert out.column("passed").to_pylist() == [True, True]  # threshold off by default
@@ -312,8 +337,8 @@ def test_aesthetic_uncropped_frames_go_through_processor(clips, tiny_aesthetic):
     from udfs.analysis.aesthetic import AestheticScorer
 
     clip_dir, head_path, model, head = tiny_aesthetic
-    analysed = ClipAnalysis(consumers={"aesthetic": {"policy": "middle"}})(_table([("m", clips["moving"], None)]))
-    out = AestheticScorer(model=str(clip_dir), head=str(head_path))(analysed)
+    analysed = analysis(consumers={"aesthetic": {"policy": "middle"}})(_table([("m", clips["moving"], None)]))
+    out = AestheticScorer(**stage_args("aesthetic", model=str(clip_dir), head=str(head_path)))(analysed)
     row = analysed.to_pylist()[0]
     frames = unpack_frames(row["aesthetic_frames"], row["aesthetic_frame_hw"])
     assert frames.shape[1:3] == (240, 320)
@@ -327,9 +352,9 @@ def test_missing_model_paths_fail_in_init(tiny_aesthetic, tmp_path):
     clip_dir, head_path, _, _ = tiny_aesthetic
     missing = tmp_path / "no-such-clip"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        AestheticScorer(model=str(missing), head=str(head_path))
+        AestheticScorer(**stage_args("aesthetic", model=str(missing), head=str(head_path)))
     with pytest.raises(FileNotFoundError, match="nohead.pth"):
-        AestheticScorer(model=str(clip_dir), head=str(tmp_path / "nohead.pth"))
+        AestheticScorer(**stage_args("aesthetic", model=str(clip_dir), head=str(tmp_path / "nohead.pth")))
 
 
 # ---------------------------------------------------------- filter decision
@@ -338,12 +363,12 @@ def test_filtered_clips_keep_rows_with_combined_reasons(clips, tiny_aesthetic):
 
     clip_dir, head_path, _, _ = tiny_aesthetic
     table = _table([("m", clips["moving"], None), ("s", clips["static"], None), ("bad", None, "encode failed")])
-    analysed = ClipAnalysis(consumers={"aesthetic": CONSUMERS["aesthetic"]}, motion=MOTION)(table)
-    scorer = AestheticScorer(model=str(clip_dir), head=str(head_path), reduction="mean")
+    analysed = analysis(consumers={"aesthetic": CONSUMERS["aesthetic"]}, motion=MOTION)(table)
+    scorer = AestheticScorer(**stage_args("aesthetic", model=str(clip_dir), head=str(head_path), reduction="mean"))
     scores = scorer(analysed).column("aesthetic_score").to_pylist()
     # A threshold above both scores: every good clip fails the aesthetic filter.
-    out = AestheticScorer(model=str(clip_dir), head=str(head_path), reduction="mean",
-                          threshold=max(scores[:2]) + 1.0)(analysed)
+    out = AestheticScorer(**stage_args("aesthetic", model=str(clip_dir), head=str(head_path), reduction="mean",
+                          threshold=max(scores[:2]) + 1.0))(analysed)
     rows = out.to_pylist()
     assert [r["clip_id"] for r in rows] == ["m", "s", "bad"]  # nothing deleted
     assert out.schema.field("passed").type == CLIP_FILTER_FIELDS[0].type
@@ -359,8 +384,8 @@ def test_filtered_clips_keep_rows_with_combined_reasons(clips, tiny_aesthetic):
 
     # A threshold between the two scores: only the lower-scoring clip fails it.
     lo, hi = sorted(scores[:2])
-    rows = AestheticScorer(model=str(clip_dir), head=str(head_path), reduction="mean",
-                           threshold=(lo + hi) / 2)(analysed).to_pylist()
+    rows = AestheticScorer(**stage_args("aesthetic", model=str(clip_dir), head=str(head_path), reduction="mean",
+                           threshold=(lo + hi) / 2))(analysed).to_pylist()
     moving = rows[0]
     assert moving["passed"] is (moving["aesthetic_score"] == hi)
     curated = [r["clip_id"] for r in rows if r["passed"] and r["error"] is None]
@@ -372,9 +397,9 @@ def test_aesthetic_on_gpu_close_to_cpu(clips, tiny_aesthetic):
     from udfs.analysis.aesthetic import AestheticScorer
 
     clip_dir, head_path, _, _ = tiny_aesthetic
-    analysed = ClipAnalysis(consumers={"aesthetic": CONSUMERS["aesthetic"]})(_table([("m", clips["moving"], None)]))
-    cpu = AestheticScorer(model=str(clip_dir), head=str(head_path), device="cpu")(analysed)
-    gpu = AestheticScorer(model=str(clip_dir), head=str(head_path), device="cuda")(analysed)
+    analysed = analysis(consumers={"aesthetic": CONSUMERS["aesthetic"]})(_table([("m", clips["moving"], None)]))
+    cpu = AestheticScorer(**stage_args("aesthetic", model=str(clip_dir), head=str(head_path), device="cpu"))(analysed)
+    gpu = AestheticScorer(**stage_args("aesthetic", model=str(clip_dir), head=str(head_path), device="cuda"))(analysed)
     assert gpu.column("aesthetic_score")[0].as_py() == pytest.approx(cpu.column("aesthetic_score")[0].as_py(),
                                                                      abs=0.05)
 

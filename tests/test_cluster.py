@@ -22,8 +22,10 @@ from engine.curate.task import run
 from engine.sample import write_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Enough videos that the run is still going when a node dies, few enough to be quick.
+VIDEOS = 6
 SETTINGS = ["transcode.preset=ultrafast", "preview.enabled=false", "motion.mode=disable", "split.clip_len_s=2",
-            "split.min_clip_s=1", "write.commit_every_rows=1", "write.resources.batch_size=2", "ray.progress=false"]
+            "split.min_clip_s=1", "write.commit_every_rows=1", "write.resources.batch_size=2"]
 
 
 def free_port() -> int:
@@ -68,8 +70,8 @@ def node_work(node) -> list[str]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster_inputs")
-    for i in range(10):
-        write_video(root / f"c{i}.mp4", width=128, height=72, fps=15, seconds=8 + i % 3)
+    for i in range(VIDEOS):
+        write_video(root / f"c{i}.mp4", width=128, height=72, fps=15, seconds=4 + i % 3)
     return root
 
 
@@ -123,8 +125,8 @@ def test_worker_node_killed_mid_run(ray_session, inputs, tmp_path):
                 fh.write(stderr)
     finally:
         cluster.shutdown()
-    assert killed_at < 10, "the run finished before the node was killed"
+    assert killed_at < VIDEOS, "the run finished before the node was killed"
     assert busy, "the killed node was running none of the run's work"
     assert clip_set(out) == expected
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["videos"] == 10 and summary["run"]["videos_committed"] == 10 and not summary["run"]["resumed"]
+    assert summary["videos"] == VIDEOS == summary["run"]["videos_committed"] and not summary["run"]["resumed"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from engine.training.clip_frames import FrameSpec, ShortClip, plan_indices, resize_geometry
+from udfs.media.frames import FrameSpec, ShortClip, window_indices
 from engine.training.dataset import ClipDataset, epoch_order, share_of
 from udfs.schema import blob_field
 from engine.sample import read_frame_index
@@ -42,28 +42,30 @@ def test_curated_filter_follows_the_schema():
         "passed AND error IS NULL AND duplicate IS NOT TRUE"
 
 
-def test_plan_indices_stride_fps_and_short_policies():
+def test_window_indices_stride_fps_and_short_policies():
     rng = np.random.default_rng(0)
-    idx, short = plan_indices(FrameSpec(num_frames=4, frame_stride=3), lo=0, hi=48, clip_fps=24, rng=rng)
+    idx, short = window_indices(FrameSpec.window(4, frame_stride=3), lo=0, hi=48, clip_fps=24, rng=rng)
     assert not short and list(np.diff(idx)) == [3, 3, 3] and 0 <= idx[0] <= 48 - 10
-    idx, _ = plan_indices(FrameSpec(num_frames=5, fps=12), lo=10, hi=20, clip_fps=24, rng=None)
+    idx, _ = window_indices(FrameSpec.window(5, fps=12), lo=10, hi=20, clip_fps=24, rng=None)
     assert list(idx) == [10, 12, 14, 16, 18]  # 24 fps clip sampled at 12 fps: every 2nd frame
     with pytest.raises(ShortClip):
-        plan_indices(FrameSpec(num_frames=6, frame_stride=2), lo=0, hi=10, clip_fps=24, rng=None)
-    idx, short = plan_indices(FrameSpec(num_frames=6, frame_stride=2, short_clips="pad"), lo=0, hi=10, clip_fps=24,
-                              rng=None)
+        window_indices(FrameSpec.window(6, frame_stride=2), lo=0, hi=10, clip_fps=24, rng=None)
+    idx, short = window_indices(FrameSpec.window(6, frame_stride=2, short_clips="pad"), lo=0, hi=10, clip_fps=24,
+                                rng=None)
     assert short and list(idx) == [0, 2, 4, 6, 8, 9]
-    idx, _ = plan_indices(FrameSpec(num_frames=6, frame_stride=2, short_clips="loop"), lo=0, hi=10, clip_fps=24,
-                          rng=None)
+    idx, _ = window_indices(FrameSpec.window(6, frame_stride=2, short_clips="loop"), lo=0, hi=10, clip_fps=24,
+                            rng=None)
     assert list(idx) == [0, 2, 4, 6, 8, 0]
     with pytest.raises(ValueError, match="not both"):
-        FrameSpec(fps=8, frame_stride=2)
+        FrameSpec.window(4, fps=8, frame_stride=2)
 
 
-def test_resize_geometry_covers_then_centre_crops():
-    assert resize_geometry(192, 108, (64, 64)) == (114, 64, 25, 0)  # 16:9 -> scaled to cover, sides cropped
-    assert resize_geometry(120, 160, (60, 80)) == (80, 107, 0, 23)  # portrait into landscape: top/bottom cropped
-    assert resize_geometry(160, 120, None) == (160, 120, 0, 0)
+def test_window_geometry_covers_then_centre_crops():
+    square = FrameSpec.window(4, size=64)
+    assert square.output_size == (64, 64) and square.scaled_hw(108, 192) == (64, 114)  # 16:9: sides cropped
+    # Portrait into landscape: scaled to cover the width, top and bottom cropped.
+    assert FrameSpec.window(4, size=(60, 80)).scaled_hw(160, 120) == (107, 80)
+    assert FrameSpec.window(4).output_size is None and FrameSpec.window(4).scaled_hw(120, 160) == (120, 160)
 
 
 def test_shares_partition_every_epoch():

@@ -22,7 +22,7 @@ from engine.cli import CONFIG_DIR
 from engine.dedup.task import pruning_table, resolve_n_clusters, run
 from engine.store.lance_columns import replace_columns, write_columns
 from udfs.schema import CLIP_DEDUP_FIELDS, DEDUP_ASSIGN_SCHEMA
-from scripts.planted_embeddings import PlantedSpec, planted_embeddings, row_ids, write_planted_table
+from scripts.planted_embeddings import PlantedSpec, planted_embeddings, row_ids
 from udfs.dedup.kmeans import KMeans, KMeansAssign, assign, have_faiss
 from udfs.dedup.pairwise import SemDedupCluster, max_sim_to_higher_ranked, rank_members
 from udfs.dedup.vectors import (SKIP_DIM, SKIP_NONFINITE, SKIP_NULL, SKIP_ZERO, fixed_size_vectors,
@@ -33,7 +33,7 @@ DEDUP_COLUMNS = [f.name for f in CLIP_DEDUP_FIELDS]
 
 def config(*overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=["task=dedup", "ray.progress=false", *overrides])
+        return compose(config_name="config", overrides=["task=dedup", *overrides])
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -561,6 +561,7 @@ def bucket(local_s3):
     return client, opts
 
 
+@pytest.mark.slow
 def test_dedup_of_a_table_in_a_bucket(ray_session, bucket):
     from udfs.uris import lance_storage_options
 

@@ -220,8 +220,13 @@ def test_cli_export_task_and_its_errors(training_output, tmp_path):
     assert pq.read_table(tmp_path / "both" / "parquet" / "clips.parquet").num_rows == 7
     with pytest.raises(ValueError, match=r"unknown export.format \['tfrecord'\]"):
         export(training_output, "export.format=tfrecord")
+    # Without export.format, task=export writes its default (webdataset); with the default
+    # switched off it says what to set.
+    done = export(training_output, f"export.dir={tmp_path / 'default'}")
+    assert list(done["exports"]) == ["webdataset"] and glob.glob(str(tmp_path / "default" / "**" / "*.tar"),
+                                                                  recursive=True)
     with pytest.raises(ValueError, match="nothing to do"):
-        export(training_output)
+        export(training_output, "task.default_format=null")
     with pytest.raises(FileNotFoundError, match="run task=curate on this output first"):
         export(tmp_path / "none", "export.format=webdataset")
 

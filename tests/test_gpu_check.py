@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
 ROWS = ["nvenc_transcode", "nvdec_scene_decode", "transnetv2_cuda", "clip_embed_bf16", "cosmos_embed1_bf16",
         "qwen_vl_caption_bf16", "dedup_kmeans_pairwise"]
@@ -50,6 +52,7 @@ def test_dry_run_without_gpu_skips_every_row(tmp_path):
     assert "| nvenc_transcode | skipped: no GPU |" in output
 
 
+@pytest.mark.slow
 def test_checks_run_where_pyav_ray_lance_hydra_are_missing(tmp_path):
     """The smoke run (CPU, tiny models) on an interpreter that cannot import
     av/ray/lance/hydra: the PyAV rows say so, the model rows compare bf16

@@ -13,7 +13,7 @@ from udfs.schema import CLIP_CAPTION_FIELDS, clip_embedding_fields, frame_column
 from engine.sample import write_video
 from udfs.models.tiny import build_clip, build_qwen2_5_vl, build_qwen2_lm, build_siglip
 from udfs.models.caption import CaptionStage, QwenVLTransformersCaptioner, Window, sample_positions, window_spans
-from udfs.models.embed import ClipFamilyEmbedder, EmbedStage, embedding_dim, l2_normalize
+from udfs.models.embed import ClipFamilyEmbedder, EmbedStage, embedding_dim
 from udfs.models.loading import ModelNotFoundError, pick_dtype, resolve_model, resolve_stage_models
 from udfs.models.qwen_vision import QwenVideoPatcher
 from udfs.media.video import decode_rgb, pack_frames

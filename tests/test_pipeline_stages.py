@@ -46,6 +46,7 @@ def scene_videos(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_all_stages_through_the_engine(ray_session, tiny_models, scene_videos, tmp_path):
     cfg = config(
         f"input={scene_videos}", f"output={tmp_path}", "transcode.preset=ultrafast",

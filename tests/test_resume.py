@@ -28,8 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small clips, two videos per transcode task and two rows per writer call, a
 # commit as soon as a video is complete: many commits in a few seconds of video.
 SETTINGS = ["transcode.preset=ultrafast", "preview.enabled=false", "split.clip_len_s=2", "split.min_clip_s=1",
-            "transcode.resources.batch_size=2", "write.commit_every_rows=1", "write.resources.batch_size=2",
-            "ray.progress=false"]
+            "transcode.resources.batch_size=2", "write.commit_every_rows=1", "write.resources.batch_size=2"]
 
 
 def config(*overrides: str):
@@ -242,6 +241,7 @@ def s3_keys(client, prefix: str) -> set[str]:
     return {o["Key"].rsplit("/", 1)[1] for page in pages for o in page.get("Contents", [])}
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_on_s3(ray_session, s3, monkeypatch):
     client, opts = s3
     lance_opts = lance_storage_options(opts)

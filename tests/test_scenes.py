@@ -170,6 +170,7 @@ def test_clips_never_straddle_a_cut(transnet_out, cut_videos) -> None:
         assert read_frame_index(frames[0]) == s and read_frame_index(frames[-1]) == e - 1
 
 
+@pytest.mark.slow
 def test_transnetv2_matches_reference_implementation(cut_videos) -> None:
     """Our windowing/batching vs the wheel's own predict_frames (fp32)."""
     from udfs.split.transnetv2 import TransNetV2Predictor, preserved_global_state

@@ -114,6 +114,7 @@ def test_index_reaches_the_recall_target_against_exact_search(indexed):
     np.testing.assert_allclose(scores, expect, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_product_quantised_index_is_tuned_to_the_target_too(tmp_path):
     """IVF_PQ's coarse codes miss neighbours at default knobs; the tuning
     raises refine until the target holds on fresh queries."""
@@ -187,6 +188,7 @@ def _data_files(table: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in (table / "data").iterdir()}
 
 
+@pytest.mark.slow
 def test_append_then_index_keeps_every_row_searchable(tmp_path):
     out = tmp_path
     path = out / "clips.lance"
@@ -360,21 +362,24 @@ def _engine(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=300)
 
 
-def test_task_search_prints_a_table_or_json_lines(text_table):
+def test_task_search_prints_a_table_or_json_lines(text_table, capsys):
     out, _ = text_table
     expected = engine.search.open(out).search(text="a red car", k=3).column("clip_id").to_pylist()
-    table = _engine("task=search", f"output={out}", "query=a red car", "k=3")
+    table = _engine("task=search", f"output={out}", "query=a red car", "k=3")  # the CLI, once
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
     assert lines[0].split()[:5] == ["#", "score", "clip_id", "source", "span_s"]
     assert [line.split()[2] for line in lines[2:]] == expected
-    rows = _engine("task=search", f"output={out}", "query=a red car", "k=3", "jsonl=true", 'where="start_s >= 0"',
-                   "columns=[end_s]")
-    assert rows.returncode == 0, rows.stderr
-    parsed = [json.loads(line) for line in rows.stdout.strip().splitlines()]
+    # The rest in-process: the same task function the CLI calls.
+    capsys.readouterr()
+    engine.search.run(config("task=search", f"output={out}", "query=a red car", "k=3", "jsonl=true",
+                             'where="start_s >= 0"', "columns=[end_s]"))
+    parsed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["clip_id"] for r in parsed] == expected and set(parsed[0]) >= {"score", "caption", "end_s"}
-    bad = _engine("task=search", f"output={out}", "query=a red car", 'where="nope >"')
-    assert bad.returncode == 2 and "invalid where filter" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(SystemExit) as exited:
+        engine.search.run(config("task=search", f"output={out}", "query=a red car", 'where="nope >"'))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid where filter" in err and "Traceback" not in err
 
 
 def test_the_full_experiment_indexes_after_curating_and_dedup():
@@ -431,6 +436,7 @@ def test_video_and_image_queries_go_through_the_vision_tower(curated, tmp_path):
         searcher.search(video=tmp_path / "bad.mp4")
 
 
+@pytest.mark.slow
 def test_index_and_search_an_output_in_an_object_store(tmp_path, local_s3):
     """task=index and the searcher on s3:// (a local S3 server)."""
     from udfs.uris import lance_storage_options

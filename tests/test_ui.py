@@ -152,18 +152,26 @@ def test_browse_only_table_without_embeddings(embedded_output, tmp_path):
 
 
 # ------------------------------------------------------------ real browser
+def browser_unavailable(reason: str) -> None:
+    """Skip, saying why; but fail in CI where `make browser` installed the browser (REELSIFT_BROWSER=required):
+    there a missing browser is a broken set-up, not a machine without one."""
+    if os.environ.get("CI") == "true" and os.environ.get("REELSIFT_BROWSER") == "required":
+        pytest.fail(f"CI installed Chromium for this test, yet {reason}")
+    pytest.skip(reason)
+
+
 def chromium_driver(tmp_path: Path):
     """Headless Debian Chromium through its chromedriver, or skip saying why."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_bin = shutil.which("chromedriver")
     if not chromium or not driver_bin:
-        pytest.skip("headless Chromium is not installed (make test installs Debian's chromium and chromium-driver "
-                    "with apt-get where it can)")
+        browser_unavailable("headless Chromium is not installed (make test installs Debian's chromium and "
+                            "chromium-driver with apt-get where it can)")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.skip("selenium is not installed (pip install -e .[dev])")
+        browser_unavailable("selenium is not installed (pip install -e .[dev])")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -175,7 +183,7 @@ def chromium_driver(tmp_path: Path):
     try:
         return webdriver.Chrome(service=Service(driver_bin), options=options)
     except Exception as exc:  # noqa: BLE001 - any start failure is an environment problem
-        pytest.skip(f"headless Chromium did not start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        browser_unavailable(f"headless Chromium did not start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
 
 
 @pytest.mark.slow
@@ -251,3 +259,19 @@ def test_in_a_real_browser(served, clips, tmp_path):
     assert all((shots / n).stat().st_size > 1000 for n in ("search.png", "clip.png", "filtered.png", "overview.png"))
     print(f"screenshots: {shots}")
     os.environ.setdefault("REELSIFT_UI_SCREENSHOTS", str(shots))
+
+
+def test_an_output_in_an_object_store_is_served_with_its_run(served, local_s3):
+    """serve on s3:// reads summary.json and videos.lance with the config's credentials too."""
+    out, _ = served
+    client, opts = local_s3
+    client.create_bucket(Bucket="served")
+    for path in [out / "summary.json", *(out / "clips.lance").rglob("*"), *(out / "videos.lance").rglob("*")]:
+        if path.is_file():  # a Lance table is its files: copied as they are
+            client.put_object(Bucket="served", Key=f"run/{path.relative_to(out)}", Body=path.read_bytes())
+    with BackgroundServer(make_app("s3://served/run", storage_options=opts)) as url:
+        overview = json.loads(get(f"{url}/api/overview")[2])
+        status, _, page = get(f"{url}/overview")
+    assert overview["summary"]["clips"] == 6 and overview["summary"]["videos_failed"] == 1
+    assert len(overview["videos"]) == lance.dataset(out / "videos.lance").count_rows()
+    assert status == 200 and b"corrupt.mp4" in page

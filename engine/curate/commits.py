@@ -164,6 +164,28 @@ class OutputStore:
 # ------------------------------------------------------------------ progress
 
 @dataclass
+class RunTotals:
+    """What this run has committed so far (for its progress display)."""
+
+    videos: int = 0
+    videos_failed: int = 0
+    clips_passed: int = 0
+    clips_filtered: int = 0
+    clip_errors: int = 0
+    seconds_in: float = 0.0
+    seconds_out: float = 0.0
+
+    def add(self, video: _Video, row: dict[str, Any]) -> None:
+        self.videos += 1
+        self.videos_failed += row.get("error") is not None
+        self.clips_passed += video.passed
+        self.clips_filtered += video.filtered
+        self.clip_errors += video.errors
+        self.seconds_in += float(row.get("duration_s") or 0.0) if row.get("error") is None else 0.0
+        self.seconds_out += video.passed_s
+
+
+@dataclass
 class _Video:
     # The report's row as Python values: a one-row Arrow table per video
     # (tens of KB of buffers and metadata each) made the driver grow by
@@ -173,6 +195,9 @@ class _Video:
     written: set[str] = field(default_factory=set)
     fragments: list[str] = field(default_factory=list)
     errors: int = 0
+    passed: int = 0
+    filtered: int = 0
+    passed_s: float = 0.0
     first_error: tuple[int, str] | None = None
     conflicted: bool = False
 
@@ -186,6 +211,7 @@ class Progress:
         self.videos: dict[str, _Video] = {}
         self.committed: set[str] = set()
         self.late_fragments = 0
+        self.totals = RunTotals()
 
     def add_written(self, table: pa.Table) -> None:
         for row in table.select(FRAGMENT_SCHEMA.names).to_pylist():
@@ -207,6 +233,9 @@ class Progress:
             video.written |= ids
             video.fragments.extend(row["fragments"])
             video.errors += row["num_errors"]
+            video.passed += row["num_passed"]
+            video.filtered += row["num_filtered"]
+            video.passed_s += row["passed_s"]
             if row["first_error"] is not None:
                 candidate = (row["first_error_index"] if row["first_error_index"] is not None else 1 << 30,
                              row["first_error"])
@@ -244,6 +273,7 @@ class Progress:
             fragments.extend(video.fragments)
             clip_rows += len(video.written)
             rows.append(_video_row(video))
+            self.totals.add(video, rows[-1])
         return pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA), fragments, clip_rows
 
 

@@ -28,14 +28,17 @@ import pyarrow as pa
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from engine.curate import report
 from engine.curate.commits import CommitPolicy, OutputStore, Progress, ready_rows
 from engine.curate.input_chunks import InputChunks
 from engine.curate.ledger import drain_reports, report_uncut, reporting, start_ledger
 from engine.curate.plan import StagePlan, admission, encoder_threads, plan_stages, table_metadata, transcode_batch
+from engine.curate.progress import RunProgress
 from engine.curate.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, resume_mode
 from engine.export import check_export_target, write_exports
 from engine.runtime.ray_session import cluster_resources, ensure_ray, largest_node_cpus
 from engine.runtime.stages import StageStep, apply_stage, check_gpus, node_dict
+from engine.runtime.private_apis import PrivateApiChanged, set_last_step_num_cpus
 from engine.store import outputs
 from engine.store.lance_io import FragmentWriter
 from udfs.analysis.filtering import finalize_filter_columns
@@ -122,7 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     store = OutputStore(layout, final_clip_schema, lance_options)
     done, run_info = open_output(store, cfg, run_id)
 
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, progress_bars=bool(cfg.log.ray_progress))
     ray_start = time.perf_counter()
     cpus, gpus = cluster_resources()
     check_gpus(plan.steps, gpus)
@@ -154,6 +157,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run={"id": run_id, **run_info, "videos_listed": listed, "videos_skipped": skipped,
              "orphan_bytes_removed": removed, **stream},
     )
+    summary["error_groups"] = report.group_errors(summary["errors"])
+    summary["filter_reasons"] = report.filter_reasons(stats["filter_reason"]) if stats.height else {}
     outputs.write_summary(summary, layout, storage_options)
     return summary
 
@@ -207,7 +212,8 @@ def stream_plan(run: CurateRun, plan: StagePlan, pending: int) -> StagePlan:
 def curate_stream(run: CurateRun, chunks: list[tuple[Any, int]], plan: StagePlan) -> dict[str, Any]:
     """Run the stream over `chunks` and commit videos as they complete."""
     cfg, store, ledger = run.cfg, run.store, run.ledger
-    plan = stream_plan(run, plan, pending=sum(n for _, n in chunks))
+    pending = sum(n for _, n in chunks)
+    plan = stream_plan(run, plan, pending=pending)
     write_node = node_dict(cfg, "write")
 
     # Ray Data's per-stage CPU reservations (each stage at least its task's
@@ -236,24 +242,29 @@ def curate_stream(run: CurateRun, chunks: list[tuple[Any, int]], plan: StagePlan
     commit_s = 0.0  # the driver's time in commits (the stream runs on meanwhile)
     stream = _pump(ds)
     most_in_flight = 0
+    display = RunProgress(todo=pending, mode=str(cfg.log.progress), every_s=float(cfg.log.progress_every_s),
+                          stage_times=lambda: ray.get(ledger.snapshot.remote()))
     try:
-        for item in stream:
-            if isinstance(item, pa.Table):
-                progress.add_written(item)
-            progress.add_reports(drain_reports(ledger))
-            end = item is _END
-            ready = progress.complete()
-            if ready and (end or policy.due(len(ready), ready_rows(progress, ready))):
-                rows, fragments, _ = progress.take(ready)
-                commit_started = time.perf_counter()
-                store.commit(rows, fragments, run.run_id)
-                commit_s += time.perf_counter() - commit_started
-                policy.committed()
-                committed += len(ready)
-                if first_commit_s is None:
-                    first_commit_s = time.perf_counter() - run.started
-                log.info("committed %d videos (%d this run, %d in flight)", len(ready), committed,
-                         len(progress.videos))
+        with display.shown():
+            for item in stream:
+                if isinstance(item, pa.Table):
+                    progress.add_written(item)
+                progress.add_reports(drain_reports(ledger))
+                end = item is _END
+                ready = progress.complete()
+                if ready and (end or policy.due(len(ready), ready_rows(progress, ready))):
+                    rows, fragments, _ = progress.take(ready)
+                    commit_started = time.perf_counter()
+                    store.commit(rows, fragments, run.run_id)
+                    commit_s += time.perf_counter() - commit_started
+                    policy.committed()
+                    committed += len(ready)
+                    if first_commit_s is None:
+                        first_commit_s = time.perf_counter() - run.started
+                    log.info("committed %d videos (%d this run, %d in flight)", len(ready), committed,
+                             len(progress.videos))
+                display.update(progress.totals, len(progress.videos))
+            display.finish(progress.totals)
         most_in_flight = ray.get(ledger.most_in_flight.remote())
     except BaseException:
         # The ledger first: the stream's reads and transcodes then fail fast
@@ -307,12 +318,10 @@ def one_video_per_block(ds: ray.data.Dataset, num_cpus: float) -> ray.data.Datas
     be scheduled and the stream would stall. It gets the step before its
     share instead, which also lets Ray Data fuse the two."""
     ds = ds.repartition(target_num_rows_per_block=1)
-    remote_args = getattr(getattr(ds, "_logical_plan", None), "dag", None)
-    remote_args = getattr(remote_args, "ray_remote_args", None)
-    if isinstance(remote_args, dict):
-        remote_args["num_cpus"] = num_cpus
-    else:  # a Ray Data without the field: keep the default, and say why a small cluster may stall
-        log.warning("cannot set the CPU share of Ray Data's repartition step; it asks for 1 CPU per task")
+    try:
+        set_last_step_num_cpus(ds, num_cpus)
+    except PrivateApiChanged as exc:  # keep the default, and say why a small cluster may stall
+        log.warning("cannot set the CPU share of Ray Data's repartition step (%s); it asks for 1 CPU per task", exc)
     return ds
 
 

@@ -53,6 +53,7 @@ from udfs.schema import CLIP_DEDUP_FIELDS, DEDUP_PAIRWISE_SCHEMA
 from engine.runtime.stages import StageStep, actor_pool, apply_stage, check_gpus, node_dict, stage_params
 from engine.runtime.timing import start_clock, timed
 from udfs.uris import arrow_fs, lance_storage_options, scheme_of
+from udfs.lance_rows import take_rows
 from engine.store.views import CURATED
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def sample_for_fit(source: DedupSource, kmeans_node: dict[str, Any], seed: int) 
                         int(kmeans_node.get("min_rows_per_cluster", 40)))
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(row_ids, m, replace=False)) if m < len(row_ids) else row_ids
-    column = source.dataset._take_rows(picked.tolist(), columns=[source.vector_column]).column(source.vector_column)
+    column = take_rows(source.dataset, picked.tolist(), [source.vector_column]).column(source.vector_column)
     dim = source.fixed_dim or _common_length(column)
     x, reason = vectors_from_arrow(column, dim)
     if len(x) == 0:
@@ -283,7 +284,7 @@ def _compute(cfg: DictConfig, source: DedupSource) -> tuple[pa.Table, dict[str, 
     sample = sample_for_fit(source, kmeans_node, int(dcfg.seed))
     timings["sample_s"] = time.perf_counter() - t
 
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, progress_bars=bool(cfg.log.ray_progress))
     cpus, gpus = cluster_resources()
     params = {key: v for key, v in stage_params(kmeans_node).items() if key not in KMEANS_ENGINE_KEYS}
     t = time.perf_counter()

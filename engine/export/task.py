@@ -20,6 +20,7 @@ the output root, every row.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,8 @@ from engine.export.exporters.target import ExportTarget
 from engine.export.exporters.webdataset import write_webdataset
 from udfs.uris import lance_storage_options
 from engine.store.views import resolve_where
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("webdataset", "cosmos_predict2", "nemo", "parquet")
 
@@ -119,10 +122,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     layout = outputs.OutputLayout(str(cfg.output))
     storage_options = outputs.storage_options(cfg)
     clips = layout.open_clips(lance_storage_options(storage_options))
-    if not export_formats(cfg.export) and not cfg.export.get("parquet") and not cfg.export.get("nemo_layout"):
-        raise ValueError(f"task=export has nothing to do: set export.format to one of {list(FORMATS)} "
-                         "(or a list of them)")
-    done = export_all(cfg.export, clips, layout, storage_options)
+    node = cfg.export
+    if not export_formats(node) and not node.get("parquet") and not node.get("nemo_layout"):
+        default = (cfg.get("task") or {}).get("default_format")
+        if not default:
+            raise ValueError(f"task=export has nothing to do: set export.format to one of {list(FORMATS)} "
+                             "(or a list of them)")
+        log.info("export.format not set: writing %s (task=export's default; export.format=NAME picks)", default)
+        node = OmegaConf.merge(node, {"format": default})
+    done = export_all(node, clips, layout, storage_options)
     exports = {("parquet" if k == "parquet_legacy" else k): v["path"] for k, v in done.items()}
     return {"exports": exports, "results": done, "table_version": clips.version,
             "where": resolve_where(cfg.export.get("where"), clips.schema)}

@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from udfs.lance_rows import take_rows
+
 # Index statistics without the centroids: only partition counts are read
 # here, and Lance warns (and spends memory) otherwise.
 os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
@@ -357,7 +359,7 @@ def sample_queries(ds: lance.LanceDataset, column: str, n: int, seed: int = 0) -
     while have < n and start < len(ids):
         pick = ids[np.sort(order[start:start + step])]
         start += step
-        valid, x = vectors_of(ds._take_rows(pick.tolist(), columns=[column]).column(column))
+        valid, x = vectors_of(take_rows(ds, pick.tolist(), [column]).column(column))
         finite = np.isfinite(x).all(axis=1) & (np.abs(x).sum(axis=1) > 0)
         chosen.append(pick[valid][finite])
         vectors.append(x[finite])

@@ -17,10 +17,14 @@ import atexit
 import importlib.util
 import logging
 import os
+import subprocess
 import sys
+import warnings
 from typing import Any
 
 import ray
+
+from engine.runtime.private_apis import PrivateApiChanged, local_monitor_processes
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +41,41 @@ def missing_bytecode() -> bool:
     return not (source and os.path.exists(importlib.util.cache_from_source(source)))
 
 
-def ensure_ray(ray_cfg: Any) -> None:
+# Warnings our dependencies raise about their own internals, with nothing a
+# user can do about them: Ray Data's DataContext sets its own deprecated
+# fields when copied; Lance calls its own deprecated DataFile.path(); Ray
+# Data's advice to raise `override_num_blocks` for a one-video read.
+DEPENDENCY_NOISE = (
+    (DeprecationWarning, r"`use_polars` is deprecated"),
+    (DeprecationWarning, r"`use_arrow_tensor_v2` is deprecated"),
+    (DeprecationWarning, r"`use_push_based_shuffle` is deprecated"),
+    (DeprecationWarning, r"DataFile\.path\(\) is deprecated"),
+    (UserWarning, r"The maximum number of concurrent tasks for .* is less than the concurrency limit"),
+)
+
+
+def quiet_dependency_noise() -> None:
+    """Ignore the warnings in `DEPENDENCY_NOISE`, and Ray Data's note that its
+    progress bars are off (the way back is `log.ray_progress=true`, not the
+    DataContext field it names); every other warning passes."""
+    for category, message in DEPENDENCY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    progress_logger = logging.getLogger("ray.data._internal.progress")
+    if _progress_note not in progress_logger.filters:
+        progress_logger.addFilter(_progress_note)
+
+
+def _progress_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Progress bars disabled")
+
+
+def ensure_ray(ray_cfg: Any, *, progress_bars: bool = False) -> None:
     """Join `ray_cfg.address`, or start a local Ray; reuse one already up
-    (tests and multirun sweeps share one session)."""
+    (tests and multirun sweeps share one session). `progress_bars`: Ray
+    Data's own, per operator (`log.ray_progress`)."""
+    quiet_dependency_noise()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(ray_cfg.get("progress", True))
+    ctx.enable_progress_bars = progress_bars
     ctx.max_errored_blocks = int(ray_cfg.get("max_errored_blocks", 0) or 0)
     if ray.is_initialized():
         return
@@ -83,16 +117,17 @@ def stop_local_ray() -> None:
     first. Every command paid this on exit, on top of the work."""
     if not ray.is_initialized():
         return
-    from ray._private.ray_constants import PROCESS_TYPE_MONITOR
-
-    node = getattr(ray._private.worker, "_global_node", None)  # Ray's own handle on what it started
-    for info in (getattr(node, "all_processes", None) or {}).get(PROCESS_TYPE_MONITOR, []):
-        process = getattr(info, "process", None)
-        if process is not None and process.poll() is None:
+    try:
+        monitors = local_monitor_processes()
+    except PrivateApiChanged as exc:
+        log.debug("stopping Ray the slow way: %s", exc)
+        monitors = []
+    for process in monitors:
+        if process.poll() is None:
             process.kill()
             try:
                 process.wait(timeout=1)
-            except Exception:  # Ray's shutdown below kills and reaps it anyway
+            except subprocess.TimeoutExpired:  # Ray's shutdown below kills and reaps it anyway
                 pass
     ray.shutdown()
 

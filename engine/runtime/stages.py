@@ -166,13 +166,3 @@ def apply_stage(ds: ray.data.Dataset, step: StageStep, clock_name: str, cpus: fl
         return ds.map_batches(_task_fn(step.name), fn_kwargs={"stage": stage, "params": step.params}, compute=compute,
                               **common)
     return ds.map_batches(stage, fn_constructor_kwargs=step.params, compute=actor_pool(step, cpus, gpus), **common)
-
-
-def blocks(table: pa.Table, max_blocks: int) -> list[pa.Table]:
-    """`table` cut into at most `max_blocks` contiguous, near-equal blocks.
-
-    Blocks are cut here rather than by `repartition`, whose shuffle tasks
-    need CPUs that stage actors already hold on a small machine."""
-    n = max(1, min(table.num_rows, max_blocks))
-    size = -(-table.num_rows // n)
-    return [table.slice(i, size) for i in range(0, table.num_rows, size)] or [table]

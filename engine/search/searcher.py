@@ -261,8 +261,10 @@ class Searcher:
                 return self._counts[where]
         try:
             n = self.dataset.count_rows(where)
-        except Exception as exc:  # noqa: BLE001 - Lance reports SQL errors as several exception types
-            raise FilterError(f"invalid where filter {where!r}: {_first_line(exc)}") from None
+        except (OSError, ValueError) as exc:
+            if _is_user_input_error(exc):
+                raise FilterError(f"invalid where filter {where!r}: {_first_line(exc)}") from None
+            raise
         with self._lock:
             self._counts[where] = n
             if len(self._counts) > 256:
@@ -306,12 +308,12 @@ class Searcher:
 
     def embed_image(self, image: str | os.PathLike[str] | np.ndarray | Any) -> np.ndarray:
         """A query vector for one image: a path, an (H, W, 3) uint8 array or a PIL image."""
-        from udfs.analysis.frames import FrameSpec
+        from udfs.media.frames import FrameShaper, FrameSpec
 
         stage = self._embedder("an image search")
         spec = FrameSpec.from_config("embed", self._frame_spec())
-        frame = _image_array(image)
-        frame = _shape_frame(frame, spec)
+        # Scaled and cropped by the same swscale call that shapes clip frames.
+        frame = FrameShaper().shape_image(_image_array(image), spec)
         return self._embed_frames(stage, frame[None])
 
     def embed_video(self, video: str | os.PathLike[str]) -> np.ndarray:
@@ -331,7 +333,7 @@ class Searcher:
             data = fh.read()
         batch = pa.table({"mp4": pa.array([data], pa.large_binary()), "num_frames": [facts.get("num_frames")],
                           "error": pa.array([None], pa.string())})
-        analysed = ClipAnalysis(consumers={"embed": self._frame_spec()}, motion=None)(batch)
+        analysed = ClipAnalysis(**reelsift_conf.stage_args("frames", consumers={"embed": self._frame_spec()}, motion=None))(batch)
         error = analysed.column("error")[0].as_py()
         if error:
             raise SearchError(f"cannot take frames from query video {path}: {error}")
@@ -448,13 +450,9 @@ class Searcher:
             selectivity = matching / max(1, self.capabilities.rows)
         knobs = self.tuned.knobs_for(selectivity, matching)
         nearest = knobs.nearest(self.tuned.column, q, k, self.tuned.metric)
-        try:
-            return self.dataset.to_table(columns=self._select(extra) + ["_distance"], nearest=nearest, filter=where,
-                                         prefilter=where is not None, with_row_id=True)
-        except Exception as exc:  # noqa: BLE001
-            if where:
-                raise FilterError(f"invalid where filter {where!r}: {_first_line(exc)}") from None
-            raise
+        # A bad `where` was reported by count() above: what fails here is not the filter.
+        return self.dataset.to_table(columns=self._select(extra) + ["_distance"], nearest=nearest, filter=where,
+                                     prefilter=where is not None, with_row_id=True)
 
     def _fts_candidates(self, text: str, *, where: str | None, k: int, extra: list[str]) -> pa.Table:
         if not self.capabilities.fts:
@@ -469,8 +467,10 @@ class Searcher:
             return self.dataset.to_table(columns=self._select(extra) + ["_score"],
                                          full_text_query={"query": text, "columns": [column]}, filter=where,
                                          prefilter=where is not None, limit=k, with_row_id=True)
-        except Exception as exc:  # noqa: BLE001
-            raise SearchError(f"full-text search for {text!r} failed: {_first_line(exc)}") from None
+        except (OSError, ValueError) as exc:
+            if _is_user_input_error(exc):  # the query text itself (the filter was checked above)
+                raise SearchError(f"full-text search for {text!r} failed: {_first_line(exc)}") from None
+            raise
 
     def _text_search(self, text: str, *, mode: Mode, where: str | None, k: int, extra: list[str]) -> pa.Table:
         caps = self.capabilities
@@ -566,6 +566,12 @@ def frame_spec_for(name: str, layout: OutputLayout | None) -> dict[str, Any]:
     return {"policy": "uniform", "count": 8, "size": 224, "crop": True}
 
 
+def _is_user_input_error(exc: BaseException) -> bool:
+    """Lance reports a query it cannot parse or plan as "Invalid user input"
+    (an OSError, as it reports I/O failures, which are not the user's)."""
+    return "Invalid user input" in str(exc)
+
+
 def _image_array(image: Any) -> np.ndarray:
     from PIL import Image
 
@@ -590,20 +596,6 @@ def _image_array(image: Any) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise SearchError(f"an image query must be (H, W, 3), got shape {arr.shape}")
     return arr.astype(np.uint8, copy=False)
-
-
-def _shape_frame(frame: np.ndarray, spec: Any) -> np.ndarray:
-    """Scale (and centre-crop) an image as the frame extractor scales clip frames."""
-    from PIL import Image
-
-    from udfs.analysis.frames import centre_crop
-
-    h, w = spec.scaled_hw(frame.shape[0], frame.shape[1])
-    if (h, w) != frame.shape[:2]:
-        frame = np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
-    if spec.crop:
-        frame = centre_crop(frame, spec.size)
-    return np.ascontiguousarray(frame)
 
 
 # ------------------------------------------------------------ task=search

@@ -24,7 +24,6 @@ on a table without embeddings) are shown as messages, never stack traces.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from engine.index import ann
 from engine.store import outputs
 from engine.search import SearchError, Searcher, UnknownClipError, sql_string
 from engine.search import open as open_searcher
+from udfs.uris import lance_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,12 @@ class Filters:
 class RunView:
     """The searcher plus what the pages need about the run, computed once."""
 
-    def __init__(self, searcher: Searcher, layout: outputs.OutputLayout | None, page_size: int) -> None:
+    def __init__(self, searcher: Searcher, layout: outputs.OutputLayout | None, page_size: int,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.searcher = searcher
         self.layout = layout
         self.page_size = page_size
+        self.storage_options = storage_options  # pyarrow's form; Lance's is derived where a table opens
         self._lock = threading.Lock()
 
     @cached_property
@@ -136,23 +138,15 @@ class RunView:
     def summary(self) -> dict[str, Any] | None:
         if self.layout is None:
             return None
-        return _read_json(self.layout.summary)
-
-    @cached_property
-    def index_report(self) -> dict[str, Any] | None:
-        if self.layout is None:
-            return None
-        return _read_json(self.layout.path("index", "summary.json"))
+        return outputs.read_summary(self.layout, self.storage_options)
 
     @cached_property
     def videos(self) -> pa.Table | None:
         if self.layout is None:
             return None
-        import lance
-
         try:
-            ds = lance.dataset(self.layout.videos)
-        except (FileNotFoundError, ValueError, OSError):
+            ds = self.layout.open_videos(lance_storage_options(self.storage_options))
+        except FileNotFoundError:  # a clip table without its run (browse-only)
             return None
         wanted = [c for c in ("video_id", "uri", "duration_s", "width", "height", "fps", "num_clips",
                               "num_clip_errors", "error") if c in ds.schema.names]
@@ -236,14 +230,6 @@ def histogram(name: str, values: pa.ChunkedArray | pa.Array, bins: int = 20) -> 
                      for a, b, c in zip(edges[:-1], edges[1:], counts)]}
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
 # ------------------------------------------------------------ HTTP ranges
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -282,7 +268,8 @@ def _blob_chunks(blob: Any, start: int, end: int) -> Iterator[bytes]:
 # ------------------------------------------------------------------- the app
 def make_app(output: str, *, model: str | None = None, device: str = "auto", page_size: int = 48,
              storage_options: dict[str, str] | None = None) -> Any:
-    """The Starlette application over `output` (an output folder or a .lance table)."""
+    """The Starlette application over `output` (an output folder or a .lance
+    table); `storage_options` as the config gives them (pyarrow's form)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -291,8 +278,9 @@ def make_app(output: str, *, model: str | None = None, device: str = "auto", pag
     from starlette.staticfiles import StaticFiles
     from starlette.templating import Jinja2Templates
 
-    searcher = open_searcher(output, model=model, device=device, storage_options=storage_options)
-    view = RunView(searcher, searcher.layout, page_size)
+    searcher = open_searcher(output, model=model, device=device,
+                             storage_options=lance_storage_options(storage_options))
+    view = RunView(searcher, searcher.layout, page_size, storage_options)
     templates = Jinja2Templates(directory=str(UI_DIR / "templates"))
     env = templates.env
     env.filters["basename"] = lambda p: os.path.basename(p or "")
@@ -510,13 +498,11 @@ def run(cfg: Any) -> dict[str, Any]:
     """`task=serve`: serve the UI until interrupted."""
     import uvicorn
 
-    from udfs.uris import lance_storage_options
-
     node = cfg.get("serve") or {}
     host, port = str(node.get("host", "127.0.0.1")), int(node.get("port", 8000))
     app = make_app(str(cfg.output), model=node.get("model"), device=str(node.get("device", "auto")),
                    page_size=int(node.get("page_size", 48)),
-                   storage_options=lance_storage_options(outputs.storage_options(cfg)))
+                   storage_options=outputs.storage_options(cfg))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serve: listening on %s: anyone who can reach this machine can browse the output", host)
     log.info("serve: http://%s:%d/ (Ctrl-C stops)", host, port)

@@ -33,6 +33,10 @@ FRAGMENT_SCHEMA = pa.schema([
     # The error of the group's lowest-index failed clip (for the video row).
     pa.field("first_error_index", pa.int64()),
     pa.field("first_error", pa.string()),
+    # For the run's progress: clips kept / filtered out, and the kept seconds.
+    pa.field("num_passed", pa.int64()),
+    pa.field("num_filtered", pa.int64()),
+    pa.field("passed_s", pa.float64()),
 ])
 
 
@@ -55,6 +59,9 @@ class FragmentWriter:
             fragments = write_fragments(part, self.uri, schema=self.schema, storage_options=self.storage_options)
             errors = part.filter(pc.is_valid(part.column("error")))
             first = (errors.sort_by("clip_index").slice(0, 1).to_pylist() or [{}])[0]
+            passed = pc.fill_null(part.column("passed"), False) if "passed" in part.column_names else None
+            kept = part.filter(passed) if passed is not None else part.slice(0, 0)
+            seconds = pc.sum(pc.subtract(kept.column("end_s"), kept.column("start_s"))).as_py() if kept.num_rows else 0.0
             rows.append({
                 "video_id": video_id,
                 "fragments": [json.dumps(f.to_json()) for f in fragments],
@@ -62,6 +69,9 @@ class FragmentWriter:
                 "num_errors": errors.num_rows,
                 "first_error_index": first.get("clip_index"),
                 "first_error": first.get("error"),
+                "num_passed": kept.num_rows,
+                "num_filtered": part.num_rows - errors.num_rows - kept.num_rows,
+                "passed_s": float(seconds or 0.0),
             })
         return pa.Table.from_pylist(rows, schema=FRAGMENT_SCHEMA)
 

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from udfs.uris import arrow_fs, scheme_of
 
 # The clip columns the summary needs: one scan, no media blobs.
-CLIP_STAT_COLUMNS = ["video_id", "start_s", "end_s", "num_bytes", "error", "passed"]
+CLIP_STAT_COLUMNS = ["video_id", "start_s", "end_s", "num_bytes", "error", "passed", "filter_reason"]
 # The video columns the summary needs (not the per-frame scores).
-VIDEO_STAT_COLUMNS = ["video_id", "uri", "duration_s", "error", "num_clips", "num_clip_errors"]
+VIDEO_STAT_COLUMNS = ["video_id", "uri", "duration_s", "codec", "error", "num_clips", "num_clip_errors"]
 # videos.lance transaction property: the clips.lance version a videos.lance
 # version completes (see engine.curate.commits).
 CLIPS_VERSION_PROPERTY = "reelsift.clips_version"
@@ -134,8 +134,9 @@ def summarise(*, videos: pa.Table, stats: pl.DataFrame, stage_times: dict[str, d
         "videos": videos.num_rows,
         "videos_ok": good_videos.num_rows,
         "videos_failed": failed_videos.num_rows,
-        "errors": [{"uri": u, "error": e} for u, e in zip(failed_videos.column("uri").to_pylist(),
-                                                        failed_videos.column("error").to_pylist())],
+        "errors": [{"uri": u, "error": e, "codec": c} for u, e, c in zip(
+            failed_videos.column("uri").to_pylist(), failed_videos.column("error").to_pylist(),
+            failed_videos.column("codec").to_pylist())],
         "clips": ok.height,
         "clips_failed": stats.height - ok.height,
         "clips_passed": int(stats["passed"].fill_null(False).sum()) if stats.height else 0,
@@ -149,6 +150,20 @@ def summarise(*, videos: pa.Table, stats: pl.DataFrame, stage_times: dict[str, d
         "config": config,
     }
     return summary
+
+
+def read_summary(layout: OutputLayout, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The output's summary.json (None when there is none or it is not JSON);
+    `storage_options` in pyarrow's form, as the config gives them."""
+    try:
+        if scheme_of(layout.root):
+            fs, path = arrow_fs(layout.summary, storage_options)
+            with fs.open_input_stream(path) as fh:
+                return json.loads(fh.read().decode())
+        with open(layout.summary) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
 
 
 def write_summary(summary: dict[str, Any], layout: OutputLayout, storage_options: dict[str, Any] | None = None) -> None:

@@ -4,7 +4,8 @@
     from engine.training import ray_dataset            # a Ray Data dataset of samples
 
 `dataset` holds the torch path, `ray_data` the Ray Data path, and
-`clip_frames` picks which frames of a clip a sample holds. The Ray Data
+`captions` the caption a sample carries; which frames it holds is a
+`udfs.media.frames.FrameSpec`, the clip stages' vocabulary. The Ray Data
 names load on first use, so a torch-only loader never imports Ray.
 """
 

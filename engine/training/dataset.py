@@ -46,7 +46,10 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from engine.training.clip_frames import CAPTION_MODES, FrameSpec, ShortClip, SkipClip, decode_frames, pick_caption, plan_indices
+from engine.training.captions import CAPTION_MODES, pick_caption, resolve_caption
+from engine.runtime.private_apis import new_shared_tensor
+from udfs.media.frames import FrameShaper, FrameSpec, ShortClip, SkipClip, decode_frames, window_indices
+from udfs.lance_rows import take_rows
 from udfs.uris import lance_storage_options, scheme_of
 from engine.store.views import resolve_where
 
@@ -134,14 +137,16 @@ class ClipSampler:
     for a clip the spec skips and any other exception for a broken one."""
 
     def __init__(self, *, spec: FrameSpec, caption: str | None, columns: Sequence[str], seed: int,
-                 random_offsets: bool = True) -> None:
-        if caption not in CAPTION_MODES:
-            raise ValueError(f"caption must be one of {CAPTION_MODES}, got {caption!r}")
+                 decode_threads: int = 1, random_offsets: bool = True) -> None:
+        if caption not in CAPTION_MODES or caption == "auto":
+            raise ValueError(f"caption must be one of {CAPTION_MODES[:1] + CAPTION_MODES[2:]}, got {caption!r}")
         self.spec = spec
         self.caption = caption
         self.columns = tuple(columns)
         self.seed = seed
+        self.decode_threads = decode_threads
         self.random_offsets = random_offsets
+        self._shaper = FrameShaper()
 
     def read_columns(self, schema: pa.Schema) -> list[str]:
         """The scalar columns to read for each row."""
@@ -167,14 +172,14 @@ class ClipSampler:
             counts["no_caption"] += 1
             raise SkipClip("no caption")
         try:
-            indices, short = plan_indices(self.spec, lo=lo, hi=min(hi, num_frames), clip_fps=row.get("fps"), rng=rng)
+            indices, short = window_indices(self.spec, lo=lo, hi=min(hi, num_frames), clip_fps=row.get("fps"), rng=rng)
         except ShortClip:
             counts["short_skipped"] += 1
             raise
         if blob is None:
             raise ValueError("clip has no media")
-        frames = decode_frames(blob, indices, self.spec.size, threads=self.spec.decode_threads,
-                               out=None if out is None else out.numpy())
+        frames = decode_frames(blob, self.spec, indices, threads=self.decode_threads,
+                               out=None if out is None else out.numpy(), shaper=self._shaper)
         if short:
             counts["short_padded" if self.spec.short_clips == "pad" else "short_looped"] += 1
         sample: dict[str, Any] = {
@@ -200,9 +205,10 @@ class ClipDataset(IterableDataset):
     and every column in `columns` (lists such as `embedding` as tensors).
 
     `where` is a Lance filter (default: the curated view; `"all"`: every
-    row). `caption`: `"clip"`, `"clip_enhanced"`, `"window"` (a random caption
-    window, whose frames the sample is taken from), `"window_enhanced"` or
-    None. `short_clips`: `"skip"`, `"pad"` (repeat the last frame) or
+    row). `caption`: `"auto"` (the clip's caption when the table has
+    captions, else none), `"clip"`, `"clip_enhanced"`, `"window"` (a random
+    caption window, whose frames the sample is taken from),
+    `"window_enhanced"` or None; asking for captions the table lacks raises. `short_clips`: `"skip"`, `"pad"` (repeat the last frame) or
     `"loop"`. Rank and world size come from torch.distributed when it is
     initialised, else 0 and 1, unless given. `version` pins a table version
     (default: the latest when the dataset is made, kept in `state_dict()`).
@@ -226,7 +232,7 @@ class ClipDataset(IterableDataset):
         frame_stride: int | None = None,
         size: int | tuple[int, int] | None = None,
         columns: Sequence[str] = (),
-        caption: str | None = "clip",
+        caption: str | None = "auto",
         shuffle: bool = True,
         seed: int = 0,
         rank: int | None = None,
@@ -241,9 +247,8 @@ class ClipDataset(IterableDataset):
         super().__init__()
         self.uri = clips_uri(output)
         self.storage_options = lance_storage_options(storage_options)
-        self.spec = FrameSpec(num_frames=num_frames, fps=fps, frame_stride=frame_stride,
-                              size=size, short_clips=short_clips, decode_threads=decode_threads)
-        self.sampler = ClipSampler(spec=self.spec, caption=caption, columns=columns, seed=seed)
+        self.spec = FrameSpec.window(num_frames, fps=fps, frame_stride=frame_stride, size=size,
+                                     short_clips=short_clips)
         self.shuffle = shuffle
         self.seed = int(seed)
         if (rank is None) != (world_size is None):
@@ -258,6 +263,8 @@ class ClipDataset(IterableDataset):
         # Resolved once, here, so every worker (and a resumed run) reads the
         # same rows; this also checks the filter and the columns early.
         table = open_clips(self.uri, version, self.storage_options)
+        self.sampler = ClipSampler(spec=self.spec, caption=resolve_caption(caption, table.schema.names),
+                                   columns=columns, seed=seed, decode_threads=decode_threads)
         self.version = int(table.version)
         self.where = resolve_where(where, table.schema)
         self.read_columns = self.sampler.read_columns(table.schema)
@@ -448,7 +455,7 @@ class _ClipIterator:
         end = min(len(self.row_ids), self._next_read + self.dataset.read_ahead)
         ids = [int(i) for i in self.row_ids[self._next_read : end]]
         self._next_read = end
-        rows = self.table._take_rows(ids, columns=self.dataset.read_columns).to_pylist()
+        rows = take_rows(self.table, ids, self.dataset.read_columns).to_pylist()
         try:
             blobs: list[Any] = self.table.take_blobs("mp4", ids=ids)
         except Exception as exc:  # noqa: BLE001 - one bad read must not end the epoch; decode each on its own
@@ -465,7 +472,7 @@ class _ClipIterator:
                 raise StopIteration
             return sample
         spec = self.dataset.spec
-        frames = _batch_frames((batch_size, spec.num_frames, 3, *spec.size)) if spec.size else None
+        frames = _batch_frames((batch_size, spec.count, 3, *spec.output_size)) if spec.output_size else None
         samples: list[dict[str, Any]] = []
         while len(samples) < batch_size:
             sample = self._next_sample(None if frames is None else frames[len(samples)])
@@ -508,9 +515,7 @@ def _batch_frames(shape: tuple[int, ...]) -> torch.Tensor:
     torch's own collate does), so it is not copied again on its way out."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
-    elem = torch.empty(0, dtype=torch.uint8)
-    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
-    return elem.new(storage).resize_(*shape)
+    return new_shared_tensor(shape, torch.uint8)
 
 
 def _lazy_blob(table: lance.LanceDataset, row_id: int) -> Any:

@@ -20,7 +20,8 @@ import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from engine.training.clip_frames import FrameSpec, SkipClip
+from engine.training.captions import resolve_caption
+from udfs.media.frames import FrameSpec, SkipClip
 from engine.training.dataset import COUNT_KEYS, ClipSampler, clips_uri, open_clips
 from udfs.uris import lance_storage_options
 from engine.store.views import resolve_where
@@ -36,10 +37,11 @@ class ClipSampleDecoder:
     samples. Clips the sampler skips (too short, broken media, no caption)
     are left out of the batch, counted and logged."""
 
-    def __init__(self, *, uri: str, version: int, storage_options: dict[str, str] | None, spec: dict[str, Any],
-                 caption: str | None, columns: Sequence[str], seed: int, epoch: int = 0) -> None:
+    def __init__(self, *, uri: str, version: int, storage_options: dict[str, str] | None, spec: FrameSpec,
+                 caption: str | None, columns: Sequence[str], seed: int, decode_threads: int, epoch: int = 0) -> None:
         self.uri, self.version, self.storage_options = uri, version, storage_options
-        self.sampler = ClipSampler(spec=FrameSpec(**spec), caption=caption, columns=columns, seed=seed)
+        self.sampler = ClipSampler(spec=spec, caption=caption, columns=columns, seed=seed,
+                                   decode_threads=decode_threads)
         self.epoch = epoch
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
 
@@ -51,7 +53,7 @@ class ClipSampleDecoder:
         before = dict(self.counts)
         spec = self.sampler.spec
         # Each clip decodes straight into its slot of the batch's frames.
-        frames = torch.empty((len(ids), spec.num_frames, 3, *spec.size), dtype=torch.uint8) if spec.size else None
+        frames = torch.empty((len(ids), spec.count, 3, *spec.output_size), dtype=torch.uint8) if spec.output_size else None
         samples = []
         for row_id, row, blob in zip(ids, rows, blobs):
             out = None if frames is None else frames[len(samples)]
@@ -117,7 +119,7 @@ def ray_dataset(
     frame_stride: int | None = None,
     size: int | tuple[int, int] | None = None,
     columns: Sequence[str] = (),
-    caption: str | None = "clip",
+    caption: str | None = "auto",
     short_clips: str = "skip",
     seed: int = 0,
     epoch: int = 0,
@@ -135,10 +137,10 @@ def ray_dataset(
     cluster's CPUs)."""
     uri = clips_uri(output)
     lance_opts = lance_storage_options(storage_options)
-    spec = FrameSpec(num_frames=num_frames, fps=fps, frame_stride=frame_stride, size=size,
-                     short_clips=short_clips, decode_threads=decode_threads)
-    sampler = ClipSampler(spec=spec, caption=caption, columns=columns, seed=seed)
+    spec = FrameSpec.window(num_frames, fps=fps, frame_stride=frame_stride, size=size, short_clips=short_clips)
     table = open_clips(uri, version, lance_opts)
+    caption = resolve_caption(caption, table.schema.names)
+    sampler = ClipSampler(spec=spec, caption=caption, columns=columns, seed=seed)
     version = int(table.version)
     flt = resolve_where(where, table.schema)
     scanner: dict[str, Any] = {"with_row_id": True}
@@ -148,15 +150,14 @@ def ray_dataset(
                              storage_options=lance_opts, scanner_options=scanner)
     if shuffle:
         ds = ds.random_shuffle(seed=seed + epoch)
-    spec_args = {"num_frames": spec.num_frames, "fps": spec.fps, "frame_stride": spec.frame_stride,
-                 "size": spec.size, "short_clips": spec.short_clips, "decode_threads": spec.decode_threads}
     if concurrency is None:
         concurrency = (1, max(1, int(ray.cluster_resources().get("CPU", 1.0) // max(num_cpus, 1e-3))))
     pool = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
     return ds.map_batches(
         ClipSampleDecoder,
-        fn_constructor_kwargs={"uri": uri, "version": version, "storage_options": lance_opts, "spec": spec_args,
-                               "caption": caption, "columns": tuple(columns), "seed": seed, "epoch": epoch},
+        fn_constructor_kwargs={"uri": uri, "version": version, "storage_options": lance_opts, "spec": spec,
+                               "caption": caption, "columns": tuple(columns), "seed": seed,
+                               "decode_threads": decode_threads, "epoch": epoch},
         batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
         num_cpus=num_cpus,
     )

@@ -30,7 +30,7 @@ from torch import nn
 
 from udfs.schema import CLIP_AESTHETIC_FIELDS
 from udfs.analysis.filtering import apply_filter, ensure_filter_columns, row_errors, set_errors
-from udfs.analysis.frames import drop_frame_columns
+from udfs.media.frames import drop_frame_columns
 from udfs.models.loading import local_model_dir, pick_device, pick_dtype
 from udfs.media.video import unpack_frames
 
@@ -105,14 +105,14 @@ class AestheticScorer:
         *,
         model: str,
         head: str,
-        threshold: float | None = None,
-        reduction: str = "min",
-        consumer: str = "aesthetic",
-        model_batch_size: int = 64,
-        device: str = "auto",
-        dtype: str = "auto",
-        drop_frames: bool = True,
-        revision: str | None = None,
+        threshold: float | None,
+        reduction: str,
+        consumer: str,
+        model_batch_size: int,
+        device: str,
+        dtype: str,
+        drop_frames: bool,
+        revision: str | None,
     ) -> None:
         # `model` arrives resolved to a local folder at `revision` (the driver
         # downloads hub ids once); the revision is kept for provenance.

@@ -23,12 +23,11 @@ from typing import Any
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 import pyarrow as pa
 
 from udfs.schema import CLIP_FILTER_FIELDS, CLIP_MOTION_FIELDS, frame_fields
 from udfs.analysis.filtering import apply_filter, row_errors
-from udfs.analysis.frames import FrameSpec, as_fraction, centre_crop, parse_consumers, plan_decode
+from udfs.media.frames import FrameShaper, FrameSpec, as_fraction, parse_consumers, plan_decode
 from udfs.analysis.motion import MotionScores, MotionSettings, low_motion_reason, motion_scores
 from udfs.analysis.motion_decode import MV_ONLY_OPTIONS, collect_side_data_cycles
 from udfs.media.video import DEFAULT_DECODE_THREADS, frame_rate, pack_frames, video_stream
@@ -50,15 +49,12 @@ def analyse_clip(
     *,
     num_frames_hint: int | None = None,
     threads: int = DEFAULT_DECODE_THREADS,
-    reformatters: dict[tuple[int, int, str], VideoReformatter] | None = None,
+    shaper: FrameShaper | None = None,
 ) -> ClipAnalysisResult:
     """Decode `mp4` once; return each consumer's frames and the motion scores.
 
-    `reformatters` (one per output geometry) keep their swscale contexts
-    across frames and clips: a fresh context per frame costs more than the
-    conversion itself."""
-    if reformatters is None:
-        reformatters = {}
+    `shaper` keeps its swscale contexts across clips (pass the stage's)."""
+    shaper = shaper or FrameShaper()
     want_motion = motion is not None and motion.enabled
     result = ClipAnalysisResult()
     mv_frames: list[np.ndarray] = []
@@ -92,18 +88,8 @@ def analyse_clip(
                     mv_frames.append(np.array(side.to_ndarray(), copy=True))
             consumers = plan.needed.get(index)
             if consumers:
-                converted: dict[tuple[int, int, str], np.ndarray] = {}
-                for name in sorted(consumers):
-                    spec = by_name[name]
-                    sh, sw = spec.scaled_hw(frame.height, frame.width)
-                    key = (sh, sw, spec.interpolation.upper())
-                    if key not in converted:
-                        reformatter = reformatters.setdefault(key, VideoReformatter())
-                        converted[key] = reformatter.reformat(
-                            frame, width=sw, height=sh, format="rgb24", interpolation=key[2]
-                        ).to_ndarray()
-                    rgb = converted[key]
-                    collected[name].append(centre_crop(rgb, spec.size) if spec.crop else rgb)  # type: ignore[arg-type]
+                for name, rgb in shaper.shape(frame, [by_name[n] for n in sorted(consumers)]).items():
+                    collected[name].append(rgb)
             if index in motion_set:
                 del frame
                 collect_side_data_cycles()
@@ -126,7 +112,7 @@ def analyse_clip(
 class ClipAnalysis:
     """Single-pass clip decode: motion scores/filter and consumer frames.
 
-    `consumers`: mapping consumer name -> frame spec (see `udfs.analysis.frames`);
+    `consumers`: mapping consumer name -> frame spec (see `udfs.media.frames`);
     `motion`: the motion config node (mode, global_mean_threshold,
     per_patch_min_threshold, fps, patch_size) or None for disabled.
     """
@@ -134,9 +120,9 @@ class ClipAnalysis:
     def __init__(
         self,
         *,
-        consumers: Mapping[str, Mapping[str, Any]] | None = None,
-        motion: Mapping[str, Any] | MotionSettings | None = None,
-        decode_threads: int = 1,
+        consumers: Mapping[str, Mapping[str, Any]] | None,
+        motion: Mapping[str, Any] | MotionSettings | None,
+        decode_threads: int,
     ) -> None:
         self.specs = parse_consumers(consumers)
         if motion is None:
@@ -147,7 +133,7 @@ class ClipAnalysis:
             known = {k: v for k, v in dict(motion).items() if k not in ("name", "resources")}
             self.motion = MotionSettings(**known)
         self.decode_threads = decode_threads
-        self._reformatters: dict[tuple[int, int, str], VideoReformatter] = {}
+        self._shaper = FrameShaper()
 
     def output_fields(self) -> list[pa.Field]:
         fields: list[pa.Field] = []
@@ -179,7 +165,7 @@ class ClipAnalysis:
                     self.motion,
                     num_frames_hint=hints[i],
                     threads=self.decode_threads,
-                    reformatters=self._reformatters,
+                    shaper=self._shaper,
                 )
             except Exception as exc:  # per-row failure is data, not a crash
                 new_errors[i] = f"analysis: {type(exc).__name__}: {exc}"

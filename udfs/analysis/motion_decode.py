@@ -27,7 +27,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from udfs.analysis.frames import as_fraction, rate_indices
+from udfs.media.frames import as_fraction, rate_indices
 from udfs.analysis.motion import MotionScores, MotionSettings, motion_scores
 
 # Options of a decoder that only exports motion vectors (see the module docstring).

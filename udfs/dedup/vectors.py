@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import torch
 
 from udfs.models.loading import pick_device as pick_device_name
+from udfs.lance_rows import take_rows
 
 # Why a row was left out of dedup (it gets nulls in every dedup column).
 SKIP_NULL = "null vector"
@@ -133,7 +134,7 @@ def take_vectors(dataset, row_ids: np.ndarray, column: str) -> pa.ChunkedArray:
     row_ids = np.asarray(row_ids, dtype=np.uint64)
     order = np.argsort(row_ids, kind="stable")
     # Sorted ids read each fragment's pages in order.
-    taken = dataset._take_rows(row_ids[order].tolist(), columns=[column]).column(column)
+    taken = take_rows(dataset, row_ids[order].tolist(), [column]).column(column)
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return taken.take(pa.array(inverse))

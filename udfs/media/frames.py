@@ -1,7 +1,10 @@
-"""Which frames each consumer stage gets, and how they are shaped.
+"""Which frames of a clip a consumer takes, at what size, and decoding them.
 
-Consumers (aesthetic scoring, embedding, captioning, ...) are configured as
-a mapping name -> spec:
+One vocabulary for every frame consumer: the clip stages (aesthetic
+scoring, embedding, captioning, ...) and the training loader both describe
+what they want as a `FrameSpec`, and take frames through `FrameShaper`.
+
+Clip stages are configured as a mapping name -> spec:
 
     aesthetic: {policy: sequence, fps: 1, size: 224, crop: true}
     embed:     {policy: uniform, count: 8, size: 224, crop: true}
@@ -13,22 +16,31 @@ Policies:
 - `middle`: the one frame num_frames // 2;
 - `uniform`: `count` frames, the centre frame of each of `count` equal
   segments, floor((i + 0.5) * num_frames / count); always exactly `count`
-  frames (repeats when the clip is shorter), as 8-frame video embedders need.
+  frames (repeats when the clip is shorter), as 8-frame video embedders need;
+- `window`: `count` consecutive samples `frame_stride` frames apart, or at
+  `fps`, from a start drawn per sample (`window_indices`): a training
+  sample. `short_clips` says what a clip shorter than the window gives:
+  `skip` (raises `ShortClip`), `pad` (repeats the last frame) or `loop`.
 
-Every clip is decoded once for all consumers: the rate-based consumers
-(and motion) share a grid at the least common multiple of their rates
-(`grid_rate`); each takes every (grid / fps)-th grid point, so a 1 fps
+Every clip is decoded once for all clip-stage consumers: the rate-based
+consumers (and motion) share a grid at the least common multiple of their
+rates (`grid_rate`); each takes every (grid / fps)-th grid point, so a 1 fps
 consumer's frames are a subset of a 2 fps consumer's. Uniform/middle
 indices join the union. Each needed frame is converted from YUV once per
-distinct output geometry, in swscale.
+distinct output geometry, in swscale (`FrameShaper`).
 
 Sizes: `size: null` keeps the decoded size; `size: N` scales the shorter
-side to N (keeping the aspect ratio), and with `crop: true` then takes the
-centre N x N; `size: [H, W]` scales to exactly H x W.
+side to N (keeping the aspect ratio); `size: [H, W]` scales to exactly
+H x W. `crop: true` scales so the frame covers the output (N x N, or
+H x W) with its aspect kept, then takes the centre.
 
-The frames travel to their consumer in the transient columns
-`udfs.schema.frame_fields(name)`; the consumer drops them after use
-(`drop_frame_columns`).
+Indices are frames in decode order, the numbering of the clip table's
+`num_frames` and `caption_windows` spans. The frames travel to a clip-stage
+consumer in the transient columns `udfs.schema.frame_fields(name)`; the
+consumer drops them after use (`drop_frame_columns`).
+
+PyAV is imported only where frames are decoded, so the model stages that
+import this module load on machines without it.
 """
 
 from __future__ import annotations
@@ -37,15 +49,29 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from udfs.schema import frame_columns
 
-POLICIES = ("sequence", "middle", "uniform")
+if TYPE_CHECKING:
+    import av
+
+POLICIES = ("sequence", "middle", "uniform", "window")
+# Policies a clip stage may ask for: `window` draws a start per sample.
+CONSUMER_POLICIES = ("sequence", "middle", "uniform")
+SHORT_CLIP_POLICIES = ("skip", "pad", "loop")
 INTERPOLATIONS = ("FAST_BILINEAR", "BILINEAR", "BICUBIC", "AREA", "LANCZOS")
+
+
+class SkipClip(Exception):
+    """A clip a sampler does not turn into a sample (counted, not an error)."""
+
+
+class ShortClip(SkipClip):
+    """The clip (or caption window) has fewer frames than the spec needs."""
 
 
 def as_fraction(rate: float | int | str | Fraction) -> Fraction:
@@ -67,46 +93,93 @@ def lcm_rate(rates: Iterable[Fraction]) -> Fraction | None:
 
 @dataclass(frozen=True)
 class FrameSpec:
-    name: str
+    """What one consumer takes from a clip; see the module docstring."""
+
+    name: str = "frames"
     policy: str = "sequence"
     fps: float | None = None
     count: int | None = None
+    frame_stride: int | None = None
     size: int | tuple[int, int] | None = None
     crop: bool = False
     max_frames: int | None = None
     interpolation: str = "BICUBIC"
+    short_clips: str = "skip"
 
     def __post_init__(self) -> None:
+        where = f"frames.{self.name}"
         if self.policy not in POLICIES:
-            raise ValueError(f"frames.{self.name}.policy must be one of {POLICIES}, got {self.policy!r}")
+            raise ValueError(f"{where}.policy must be one of {POLICIES}, got {self.policy!r}")
         if self.policy == "sequence" and (self.fps is None or self.fps <= 0):
-            raise ValueError(f"frames.{self.name}: policy 'sequence' needs fps > 0")
-        if self.policy == "uniform" and (self.count is None or self.count < 1):
-            raise ValueError(f"frames.{self.name}: policy 'uniform' needs count >= 1")
-        if self.crop and not isinstance(self.size, int):
-            raise ValueError(f"frames.{self.name}: crop needs an int size (the square side)")
+            raise ValueError(f"{where}: policy 'sequence' needs fps > 0")
+        if self.policy in ("uniform", "window") and (self.count is None or self.count < 1):
+            raise ValueError(f"{where}: policy {self.policy!r} needs count >= 1, got {self.count}")
+        if self.policy == "window":
+            if self.fps is not None and self.frame_stride is not None:
+                raise ValueError(f"{where}: give fps or frame_stride, not both")
+            if self.fps is not None and self.fps <= 0:
+                raise ValueError(f"{where}: fps must be positive, got {self.fps}")
+            if self.frame_stride is not None and self.frame_stride < 1:
+                raise ValueError(f"{where}: frame_stride must be >= 1, got {self.frame_stride}")
+        elif self.frame_stride is not None:
+            raise ValueError(f"{where}: frame_stride belongs to policy 'window'")
+        if self.short_clips not in SHORT_CLIP_POLICIES:
+            raise ValueError(f"{where}.short_clips must be one of {SHORT_CLIP_POLICIES}, got {self.short_clips!r}")
+        if self.size is not None and not isinstance(self.size, int):
+            size = tuple(int(v) for v in self.size)
+            if len(size) != 2:
+                raise ValueError(f"{where}.size must be an int or [height, width], got {self.size!r}")
+            object.__setattr__(self, "size", size)
+        if self.size is not None and min(self.output_size or (1,)) < 1:
+            raise ValueError(f"{where}.size must be positive, got {self.size!r}")
+        if self.crop and self.size is None:
+            raise ValueError(f"{where}: crop needs a size")
         if self.interpolation.upper() not in INTERPOLATIONS:
-            raise ValueError(f"frames.{self.name}.interpolation must be one of {INTERPOLATIONS}")
+            raise ValueError(f"{where}.interpolation must be one of {INTERPOLATIONS}")
 
     @classmethod
     def from_config(cls, name: str, cfg: Mapping[str, Any]) -> FrameSpec:
+        """A clip stage's spec from its `frames.<name>` config node."""
         cfg = dict(cfg)
-        size = cfg.pop("size", None)
-        if size is not None and not isinstance(size, int):
-            size = (int(size[0]), int(size[1]))
-        unknown = set(cfg) - {"policy", "fps", "count", "crop", "max_frames", "interpolation"}
+        unknown = set(cfg) - {"policy", "fps", "count", "size", "crop", "max_frames", "interpolation"}
         if unknown:
             raise ValueError(f"frames.{name}: unknown keys {sorted(unknown)}")
-        return cls(name=name, size=size, **cfg)
+        if cfg.get("policy", "sequence") not in CONSUMER_POLICIES:
+            raise ValueError(f"frames.{name}.policy must be one of {CONSUMER_POLICIES}, got {cfg['policy']!r}")
+        return cls(name=name, **cfg)
+
+    @classmethod
+    def window(cls, count: int, *, fps: float | None = None, frame_stride: int | None = None,
+               size: int | tuple[int, int] | None = None, short_clips: str = "skip") -> FrameSpec:
+        """A training sample: `count` frames `frame_stride` apart or at `fps`
+        (neither: consecutive), scaled to cover `size` and centre-cropped.
+        Bilinear, as PyAV scales by default."""
+        square = (size, size) if isinstance(size, int) else size
+        return cls(name="sample", policy="window", count=count, fps=fps, frame_stride=frame_stride, size=square,
+                   crop=square is not None, interpolation="BILINEAR", short_clips=short_clips)
 
     @property
     def rate(self) -> Fraction | None:
         return as_fraction(self.fps) if self.policy == "sequence" else None
 
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(h, w) of every frame this spec gives, when it does not depend on the clip."""
+        if isinstance(self.size, tuple):
+            return self.size
+        return (self.size, self.size) if self.crop and self.size is not None else None
+
     def scaled_hw(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) the decoder scales to, before any centre crop."""
         if self.size is None:
             return height, width
+        if self.crop:
+            out_h, out_w = self.output_size  # type: ignore[misc]
+            scale = max(out_h / height, out_w / width)
+            if (round(height * scale), round(width * scale)) == (height, width):
+                return height, width
+            # Round, never below the output: the frame must cover it.
+            return max(out_h, round(height * scale)), max(out_w, round(width * scale))
         if isinstance(self.size, tuple):
             return self.size
         short = min(height, width)
@@ -118,12 +191,25 @@ class FrameSpec:
         return max(self.size, round(height * self.size / width)), self.size
 
     def output_hw(self, height: int, width: int) -> tuple[int, int]:
-        if self.crop:
-            return self.size, self.size  # type: ignore[return-value]
-        return self.scaled_hw(height, width)
+        return self.output_size if self.crop else self.scaled_hw(height, width)  # type: ignore[return-value]
+
+    def step(self, clip_fps: float | None) -> float:
+        """Clip frames between two samples of a `window`."""
+        if self.frame_stride is not None:
+            return float(self.frame_stride)
+        if self.fps is not None:
+            if not clip_fps or clip_fps <= 0:
+                raise ValueError("the clip has no frame rate to resample from")
+            return float(clip_fps) / float(self.fps)
+        return 1.0
+
+    def span(self, clip_fps: float | None) -> int:
+        """Clip frames one `window` covers, first to last inclusive."""
+        return int(round((self.count - 1) * self.step(clip_fps))) + 1  # type: ignore[operator]
 
 
 def parse_consumers(consumers: Mapping[str, Mapping[str, Any]] | None) -> list[FrameSpec]:
+    """The clip-stage specs of a `frames` config mapping."""
     return [FrameSpec.from_config(name, cfg) for name, cfg in (consumers or {}).items()]
 
 
@@ -149,6 +235,27 @@ def uniform_indices(num_frames: int, count: int) -> list[int]:
     if num_frames <= 0:
         return []
     return [min(num_frames - 1, math.floor((i + 0.5) * num_frames / count)) for i in range(count)]
+
+
+def window_indices(spec: FrameSpec, *, lo: int, hi: int, clip_fps: float | None,
+                   rng: np.random.Generator | None) -> tuple[np.ndarray, bool]:
+    """A `window` spec's frame indices inside frames [lo, hi), and whether
+    the range was too short. A long enough range gets a start drawn from
+    `rng` (None: the first possible start); a short one follows
+    `spec.short_clips`."""
+    length = hi - lo
+    if length < 1:
+        raise ShortClip(f"empty frame range [{lo}, {hi})")
+    offsets = np.round(np.arange(spec.count) * spec.step(clip_fps)).astype(np.int64)  # type: ignore[arg-type]
+    span = int(offsets[-1]) + 1
+    if span <= length:
+        start = lo if rng is None else lo + int(rng.integers(0, length - span + 1))
+        return start + offsets, False
+    if spec.short_clips == "skip":
+        raise ShortClip(f"needs {span} frames, range [{lo}, {hi}) has {length}")
+    if spec.short_clips == "pad":
+        return lo + np.minimum(offsets, length - 1), True
+    return lo + offsets % length, True
 
 
 @dataclass
@@ -193,10 +300,85 @@ def plan_decode(
     return DecodePlan(grid_rate, consumer_indices, motion_indices, needed)
 
 
-def centre_crop(frame: np.ndarray, side: int) -> np.ndarray:
+def centre_crop(frame: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """The centre `size` (a side, or (h, w)) of an (H, W, ...) array."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     h, w = frame.shape[:2]
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    return frame[y0 : y0 + side, x0 : x0 + side]
+    y0, x0 = (h - out_h) // 2, (w - out_w) // 2
+    return frame[y0 : y0 + out_h, x0 : x0 + out_w]
+
+
+class FrameShaper:
+    """Decoded frames -> RGB arrays at each spec's geometry.
+
+    A frame several specs want is converted once per distinct (scaled size,
+    interpolation); the swscale contexts are kept across frames and clips (a
+    fresh one per frame costs more than the conversion). One per thread."""
+
+    def __init__(self) -> None:
+        self._reformatters: dict[tuple[int, int, str], Any] = {}
+
+    def shape(self, frame: av.VideoFrame, specs: Iterable[FrameSpec]) -> dict[str, np.ndarray]:
+        """Each spec's (h, w, 3) uint8 view of `frame`, by spec name."""
+        from av.video.reformatter import VideoReformatter
+
+        converted: dict[tuple[int, int, str], np.ndarray] = {}
+        out: dict[str, np.ndarray] = {}
+        for spec in specs:
+            sh, sw = spec.scaled_hw(frame.height, frame.width)
+            key = (sh, sw, spec.interpolation.upper())
+            if key not in converted:
+                reformatter = self._reformatters.setdefault(key, VideoReformatter())
+                converted[key] = reformatter.reformat(
+                    frame, width=sw, height=sh, format="rgb24", interpolation=key[2]).to_ndarray()
+            rgb = converted[key]
+            out[spec.name] = centre_crop(rgb, spec.output_size) if spec.crop else rgb  # type: ignore[arg-type]
+        return out
+
+    def shape_image(self, image: np.ndarray, spec: FrameSpec) -> np.ndarray:
+        """An (H, W, 3) uint8 image shaped as `spec` shapes clip frames (an image query)."""
+        import av
+
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        return np.ascontiguousarray(self.shape(frame, [spec])[spec.name])
+
+
+def decode_frames(source: str | IO[bytes], spec: FrameSpec, indices: np.ndarray, *, threads: int = 1,
+                  out: np.ndarray | None = None, shaper: FrameShaper | None = None) -> np.ndarray:
+    """Frames `indices` (any order, repeats allowed) of a video, shaped by
+    `spec`, as uint8 (T, C, H, W), written into `out` when given (e.g. a slot
+    of a batch in shared memory). `source` is a path or any file-like object
+    PyAV reads (a Lance `BlobFile`). Decoding stops after the last index
+    needed; each frame taken is converted once and copied once into its
+    place(s)."""
+    import av
+
+    from udfs.media.video import iter_frames, video_stream
+
+    shaper = shaper or FrameShaper()
+    wanted = np.asarray(indices, dtype=np.int64)
+    places: dict[int, list[int]] = {}
+    for pos, index in enumerate(wanted.tolist()):
+        places.setdefault(index, []).append(pos)
+    last = int(wanted.max())
+    filled = 0
+    with av.open(source, mode="r", metadata_errors="ignore") as container:
+        stream = video_stream(container, threads)
+        for index, frame in iter_frames(container, stream):
+            if index in places:
+                rgb = shaper.shape(frame, [spec])[spec.name]
+                if out is None:
+                    out = np.empty((len(wanted), 3, rgb.shape[0], rgb.shape[1]), dtype=np.uint8)
+                chw = rgb.transpose(2, 0, 1)
+                for pos in places[index]:
+                    out[pos] = chw
+                filled += 1
+            if index >= last:
+                break
+    if filled < len(places):
+        raise ValueError(f"video ended before frame {last} ({filled} of {len(places)} frames decoded)")
+    assert out is not None
+    return out
 
 
 def drop_frame_columns(table: pa.Table, consumer: str) -> pa.Table:

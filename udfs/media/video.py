@@ -51,6 +51,18 @@ def video_stream(container: av.container.InputContainer, threads: int = DEFAULT_
     return stream
 
 
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What decoding a broken, truncated or unreadable video raises: bad
+    input, recorded on its row. Anything else is a bug and fails the block."""
+    # RuntimeError: NVDEC; MemoryError: a video too long for its frames to fit.
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, RuntimeError, MemoryError)
+    try:
+        import av
+    except ImportError:  # a GPU box decoding with NVDEC only
+        return errors
+    return (av.error.FFmpegError, *errors)  # FFmpegError subclasses only Exception
+
+
 def frame_rate(stream: av.video.stream.VideoStream) -> Fraction:
     """The nominal frame rate used to turn frame indices into seconds."""
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):

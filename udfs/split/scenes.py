@@ -28,6 +28,7 @@ from udfs.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
 from udfs.split.content_detector import content_scores
 from udfs.split.scene_decode import decode_small, decode_small_cpu
 from udfs.split.scene_rules import LONG_SCENE_MODES, plan_spans
+from udfs.media.video import decode_errors
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,14 @@ def _prefetched(fn: Callable[[Any], Any], items: list[Any], workers: int, ahead:
     """fn(item) for each item in order, computed up to `ahead` items early
     on `workers` threads (PyAV and NVDEC release the GIL while decoding), so
     decoding the next videos overlaps with inference on the current ones.
-    An exception is returned in place of the result."""
+    A video that cannot be decoded gets its exception in place of the
+    result; any other exception is raised."""
+    bad_input = decode_errors()
 
     def safe(item: Any) -> Any:
         try:
             return fn(item)
-        except Exception as exc:  # recorded per row by the caller
+        except bad_input as exc:  # recorded on the video's row by the caller
             return exc
 
     if workers <= 0:
@@ -109,18 +112,19 @@ class _SceneSplit:
         videos = [(uris[i], fps_col[i]) for i in todo]
         for i, result in zip(todo, self.score_videos(videos)):
             fps = fps_col[i]
-            try:
-                if isinstance(result, BaseException):
-                    raise result
-                if fps is None or not fps > 0:
-                    raise ValueError(f"unusable fps {fps!r}")
-                if len(result) == 0:
-                    raise ValueError("no frames decoded")
-                spans = plan_spans(result, float(fps), threshold=self.threshold, **self.rules)
-            except Exception as exc:
-                log.warning("scene detection failed for %s: %s", uris[i], exc)
-                new_errors[i] = f"{ERROR_PREFIX}{type(exc).__name__}: {exc}"
+            if isinstance(result, BaseException):
+                problem = f"cannot decode the video: {type(result).__name__}: {result}"
+            elif fps is None or not fps > 0:
+                problem = f"unusable fps {fps!r}"
+            elif len(result) == 0:
+                problem = "no frames decoded"
+            else:
+                problem = None
+            if problem is not None:
+                log.warning("scene detection failed for %s: %s", uris[i], problem)
+                new_errors[i] = f"{ERROR_PREFIX}{problem}"
                 continue
+            spans = plan_spans(result, float(fps), threshold=self.threshold, **self.rules)
             starts[i] = [s for s, _ in spans]
             ends[i] = [e for _, e in spans]
             detector[i] = self.detector_name

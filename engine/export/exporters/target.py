@@ -62,10 +62,6 @@ class ExportTarget:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
         return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
 
-    def list_files(self, *parts: str) -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
-        return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
-
     def remove_dir(self, *parts: str) -> None:
         path = self.path(*parts)
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:
