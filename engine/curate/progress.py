@@ -156,8 +156,11 @@ class RunProgress:
         console = Console(file=self.stream)
         live = Live(console=console, refresh_per_second=2, transient=False, redirect_stdout=True,
                     redirect_stderr=True)
+        real = {id(sys.stdout): "stdout", id(sys.stderr): "stderr"}
         with live:
-            moved = _log_handlers_to(self.stream, sys.stderr)  # rich's proxy now
+            # Hydra's console handler holds the real sys.stdout: pointed at
+            # rich's proxies, records print above the display, not through it.
+            moved = _log_handlers_to(real)
             self._live = live
             try:
                 yield self
@@ -167,12 +170,16 @@ class RunProgress:
                     handler.setStream(stream)
 
 
-def _log_handlers_to(old: Any, new: Any) -> list[tuple[logging.StreamHandler, Any]]:
-    """Point the stream handlers writing to `old` at `new` (rich's proxy,
-    which prints above the live display); returns what to restore."""
+def _log_handlers_to(real: dict[int, str]) -> list[tuple[logging.StreamHandler, Any]]:
+    """Point the stream handlers writing to the real stdout / stderr (`real`:
+    id -> name) at what sys.stdout / sys.stderr are now (rich's proxies);
+    returns what to restore."""
     moved = []
-    for logger in (logging.getLogger(), log):
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]  # Ray's loggers have their own handlers
+    for logger in loggers:
         for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old:
-                moved.append((handler, handler.setStream(new)))
+            name = real.get(id(getattr(handler, "stream", None)))
+            if isinstance(handler, logging.StreamHandler) and name:
+                moved.append((handler, handler.setStream(getattr(sys, name))))
     return moved
