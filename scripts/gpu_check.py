@@ -180,6 +180,21 @@ def synth_thumbnails(num_frames: int = 600, cut_every: int = 75, seed: int = 0):
 
 
 # ---------------------------------------------------------------- the checks
+def check_nvenc_probe(work: Path) -> Row:
+    """What transcode.encoder=auto picks here: a GPU without NVENC (A100,
+    H100) is a result, not a failure."""
+    need("av", "av (PyAV)")
+    if DEVICE != "cuda":
+        raise Skip("NVENC needs the GPU")
+    from udfs.media.encoders import choose_encoder, nvenc_probe
+
+    works, why = nvenc_probe()
+    choice = choose_encoder("auto")
+    found = "NVENC works" if works else "no NVENC on this GPU"
+    return Row("nvenc_probe", "ok", check=f"{found}: {why}; encoder=auto -> {choice.encoder}",
+               gpu=choice.encoder, cpu="libx264")
+
+
 def check_nvenc_transcode(work: Path) -> Row:
     need("av", "av (PyAV)")
     if DEVICE != "cuda":
@@ -188,6 +203,11 @@ def check_nvenc_transcode(work: Path) -> Row:
 
     if "h264_nvenc" not in av.codecs_available:
         raise Skip("PyAV's FFmpeg has no h264_nvenc")
+    from udfs.media.encoders import nvenc_probe
+
+    works, why = nvenc_probe()
+    if not works:
+        raise Skip(f"no NVENC on this GPU ({why})")
     import io
 
     import numpy as np
@@ -426,6 +446,7 @@ def _partition_agreement(a, b) -> float:
 
 
 CHECKS: dict[str, Callable[[Path], Row]] = {
+    "nvenc_probe": check_nvenc_probe,
     "nvenc_transcode": check_nvenc_transcode,
     "nvdec_scene_decode": check_nvdec_scene_decode,
     "transnetv2_cuda": check_transnetv2,

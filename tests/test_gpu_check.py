@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
-ROWS = ["nvenc_transcode", "nvdec_scene_decode", "transnetv2_cuda", "clip_embed_bf16", "cosmos_embed1_bf16",
+ROWS = ["nvenc_probe", "nvenc_transcode", "nvdec_scene_decode", "transnetv2_cuda", "clip_embed_bf16", "cosmos_embed1_bf16",
         "qwen_vl_caption_bf16", "dedup_kmeans_pairwise"]
 
 # Runs the script as __main__ with packages the GPU machine lacks made unimportable.
@@ -60,7 +60,7 @@ def test_checks_run_where_pyav_ray_lance_hydra_are_missing(tmp_path):
     code, rows, output = run(["--smoke"], tmp_path, gpu_box=True)
     assert code == 0, output
     status = {r["name"]: r["status"] for r in rows}
-    assert status["nvenc_transcode"] == "skipped: no av (PyAV)"
+    assert status["nvenc_probe"] == status["nvenc_transcode"] == "skipped: no av (PyAV)"
     assert status["nvdec_scene_decode"] == "skipped: no av (PyAV)"
     for name in ("transnetv2_cuda", "clip_embed_bf16", "cosmos_embed1_bf16", "qwen_vl_caption_bf16"):
         assert status[name] == "ok", (name, output)

@@ -52,6 +52,7 @@ def test_the_log_is_reelsift_progress_with_every_stage_and_no_ray_dump(sample_ru
     assert re.search(r"\d+\.\d videos/min", last) and "ETA 0m00s" in last, last
     assert all("ETA" in line for line in lines)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["encoder"] == {"requested": "libx264", "encoder": "libx264", "why": "asked for"}
     stages = set(summary["stages"])
     assert {"probe", "split_fixed_stride", "transcode", "write"} <= stages
     for stage in stages:  # in the operators Ray Data names and in reelsift's own lines

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import ray
 from omegaconf import DictConfig
 
 from engine.curate.resume import SETTINGS_KEY, clip_settings, encode
 from engine.runtime.stages import StageStep, fit_to_cluster, node_dict, stage_params, worker_slots
 from engine.store import outputs
 from udfs import registry
+from udfs.media.encoders import EncoderChoice, EncoderUnavailable, choose_encoder
 from udfs.schema import CLIP_FILTER_FIELDS, clip_schema
 from udfs.spec import StageSpec
 from udfs.uris import READ_RETRIES_KEY
@@ -232,3 +234,22 @@ def encoder_threads(step: StageStep, node_cpus: float) -> StageStep:
     if 1.5 * node_cpus <= cap:
         return step
     return dataclasses.replace(step, params={**step.params, "threads": cap})
+
+
+def check_encoder(transcode: StageStep) -> EncoderChoice:
+    """The encoder the transcode workers will get, found out before any
+    video is decoded: probed where they run (a task with their GPU share), so
+    `h264_nvenc` on a GPU without NVENC fails here, naming the GPU, and
+    `auto` records its fallback. Each worker probes again for itself."""
+    requested = str(transcode.params["encoder"])
+    if requested == "libx264":
+        return choose_encoder(requested)
+    if transcode.num_gpus <= 0:
+        # Ray hides every GPU from a task that asks for none.
+        why = "the transcode workers ask for no GPU (transcode.resources.num_gpus=0), so they see none"
+        if requested == "h264_nvenc":
+            raise EncoderUnavailable(f"transcode.encoder=h264_nvenc cannot run: {why}; set "
+                                     "transcode.resources.num_gpus (e.g. 0.25), or use libx264")
+        return EncoderChoice(requested, "libx264", f"NVENC unusable: {why}; encoding with libx264 on the CPUs")
+    probe = ray.remote(num_gpus=transcode.num_gpus, num_cpus=0)(choose_encoder)
+    return ray.get(probe.remote(requested))

@@ -32,7 +32,8 @@ from engine.curate import report
 from engine.curate.commits import CommitPolicy, OutputStore, Progress, ready_rows
 from engine.curate.input_chunks import InputChunks
 from engine.curate.ledger import drain_reports, report_uncut, reporting, start_ledger
-from engine.curate.plan import StagePlan, admission, encoder_threads, plan_stages, table_metadata, transcode_batch
+from engine.curate.plan import (StagePlan, admission, check_encoder, encoder_threads, plan_stages, table_metadata,
+                                transcode_batch)
 from engine.curate.progress import RunProgress
 from engine.curate.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, resume_mode
 from engine.export import check_export_target, write_exports
@@ -129,6 +130,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ray_start = time.perf_counter()
     cpus, gpus = cluster_resources()
     check_gpus(plan.steps, gpus)
+    encoder = check_encoder(plan.transcode)
+    log.info("transcode encoder: %s (%s)", encoder.encoder, encoder.why)
     limit, chunk = admission(cfg, cpus, gpus, plan)
     state = CurateRun(cfg=cfg, store=store, run_id=run_id, started=started, cpus=cpus, gpus=gpus, limit=limit)
     state.ledger = start_ledger(state.ledger_name, limit)
@@ -157,6 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run={"id": run_id, **run_info, "videos_listed": listed, "videos_skipped": skipped,
              "orphan_bytes_removed": removed, **stream},
     )
+    summary["encoder"] = encoder.as_dict()
     summary["error_groups"] = report.group_errors(summary["errors"])
     summary["filter_reasons"] = report.filter_reasons(stats["filter_reason"]) if stats.height else {}
     outputs.write_summary(summary, layout, storage_options)

@@ -27,6 +27,7 @@ two cores and worse on small frames.
 from __future__ import annotations
 
 import io
+import logging
 import queue
 import threading
 from collections import deque
@@ -46,6 +47,7 @@ from udfs.schema import CLIP_BASE_SCHEMA, CLIP_MOTION_FIELDS, clip_id_for, clip_
 from udfs.analysis.filtering import apply_filter
 from udfs.analysis.motion import MotionSettings, low_motion_reason
 from udfs.analysis.motion_decode import motion_from_packets
+from udfs.media.encoders import choose_encoder
 from udfs.media.preview import encode_webp, preview_frame_offsets, preview_size
 from udfs.media.video import frame_rate, open_video
 
@@ -60,30 +62,14 @@ _NVENC_PRESETS = {
 }
 THREAD_TYPES = ("frame", "slice", "auto")
 
+log = logging.getLogger(__name__)
+
 # Clips waiting for the finishing thread before the decode loop waits for it.
 MAX_FINISHING = 4
 
 # Clip rows handed downstream per table: bounded memory per worker without a
 # block per clip.
 ROWS_PER_TABLE = 4
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        return False
-
-
-def resolve_encoder(encoder: str) -> str:
-    """`auto` picks NVENC where a GPU is visible and libx264 otherwise."""
-    if encoder == "auto":
-        return "h264_nvenc" if cuda_available() and "h264_nvenc" in av.codecs_available else "libx264"
-    if encoder not in ("libx264", "h264_nvenc"):
-        raise ValueError(f"unsupported encoder {encoder!r}: use libx264, h264_nvenc or auto")
-    return encoder
 
 
 def encoder_options(encoder: str, preset: str, crf: int) -> dict[str, str]:
@@ -309,7 +295,11 @@ class ClipTranscoder:
         motion: Mapping[str, Any] | MotionSettings | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.encoder = resolve_encoder(encoder)
+        # Once per worker: a GPU without NVENC (A100, H100) gets libx264 under `auto`.
+        self.encoder_choice = choose_encoder(encoder)
+        self.encoder = self.encoder_choice.encoder
+        if self.encoder_choice.requested == "auto" and self.encoder == "libx264":
+            log.info("transcode: %s", self.encoder_choice.why)
         if self.encoder not in av.codecs_available:
             raise RuntimeError(f"encoder {self.encoder} is not available in this FFmpeg build")
         if thread_type not in THREAD_TYPES:
