@@ -25,6 +25,7 @@ TASKS: dict[str, str] = {
     "index": "engine.index",
     "search": "engine.search",
     "serve": "engine.serve",
+    "compact": "engine.compact",
 }
 READS_VIDEOS = frozenset({"curate"})
 

@@ -119,7 +119,12 @@ def test_window_captions_come_with_their_frames(training_output):
     rows = clip_rows(training_output)
     ds = ClipDataset(training_output, num_frames=4, frame_stride=2, caption="window_enhanced", shuffle=False, seed=3)
     seen_windows = collections.Counter()
-    for s in ds:
+    # Windows are drawn per (seed, epoch, row id): over a few epochs both get drawn, whatever the row ids.
+    samples = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        samples += list(ds)
+    for s in samples:
         row = rows[s["clip_id"]]
         start, end = s["caption_frames"].tolist()
         window = next(w for w in row["caption_windows"] if (w["start_frame"], w["end_frame"]) == (start, end))

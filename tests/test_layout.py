@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The plumbing every stage uses (column schemas, opening a URI): leaves that
 # import nothing else of the project.
 LEAF_PLUMBING = ("udfs.schema", "udfs.uris", "udfs.lance_rows")
-TASKS = ("curate", "dedup", "export", "index", "search", "serve")
+TASKS = ("curate", "compact", "dedup", "export", "index", "search", "serve")
 FORBIDDEN_IN_UDFS = ("hydra", "omegaconf", "ray")
 
 

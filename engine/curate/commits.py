@@ -40,6 +40,7 @@ from engine.store.lance_io import (
     transaction_properties,
     write_rows,
 )
+from engine.store.compaction import compact_and_retire
 from engine.store.outputs import CLIPS_VERSION_PROPERTY, OutputLayout
 from udfs.schema import VIDEO_SCHEMA
 
@@ -64,6 +65,7 @@ class OutputStore:
         self.clips_version = 0
         self.videos_version = 0
         self.commits = 0
+        self.fragments_since_compaction = 0
 
     # -- opening ------------------------------------------------------------
     def _open(self, uri: str) -> lance.LanceDataset | None:
@@ -151,6 +153,19 @@ class OutputStore:
             self.clips_version = clips.version
         self._commit_videos(video_fragments, self.clips_version, run_id)
         self.commits += 1
+        self.fragments_since_compaction += len(clip_fragments) + len(video_fragments)
+
+    def compact(self, *, target_rows: int, keep_s: float | None) -> list[dict[str, Any]]:
+        """Merge both tables' small fragments and retire superseded versions,
+        between two commits (never between a commit's two steps, so what
+        roll-forward reads is untouched: a Rewrite records no video
+        fragments). The next commits build on the compacted versions."""
+        reports = [compact_and_retire(uri, target_rows=target_rows, keep_s=keep_s,
+                                      storage_options=self.storage_options)
+                   for uri in (self.layout.clips, self.layout.videos)]
+        self.clips_version, self.videos_version = reports[0].version, reports[1].version
+        self.fragments_since_compaction = 0
+        return [r.as_dict() for r in reports]
 
     def _commit_videos(self, fragments: list[str], clips_version: int, run_id: str) -> None:
         videos = commit_append(self.layout.videos, fragments, self.videos_version, self.storage_options,

@@ -141,6 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pending = sum(n for _, n in chunks)
         log.info("%d inputs, %d already done, %d to curate", listed, skipped, pending)
         stream = {"videos_committed": 0, "videos_incomplete": 0, "first_commit_s": None, "commits": 0, "commit_s": 0.0,
+                  "compactions_while_running": 0,
                   "max_videos_in_flight": limit, "most_videos_in_flight": 0}
         if pending:
             stream.update(curate_stream(state, chunks, plan))
@@ -150,6 +151,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ray.kill(state.ledger)
 
     removed = store.remove_orphans()
+    write_node = node_dict(cfg, "write")
+    compacted = store.compact(target_rows=int(write_node["target_rows_per_fragment"]),
+                              keep_s=write_node.get("keep_versions_s"))
     clips = store.clips()
     stats = outputs.clip_stats(clips)
     videos = outputs.video_stats(store.videos())
@@ -158,7 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         videos=videos, stats=stats, stage_times=stage_times, pipeline_s=pipeline_s,
         total_s=time.perf_counter() - started, config=outputs.redacted_config(cfg), exports=exports,
         run={"id": run_id, **run_info, "videos_listed": listed, "videos_skipped": skipped,
-             "orphan_bytes_removed": removed, **stream},
+             "orphan_bytes_removed": removed, "compaction": compacted, **stream},
     )
     summary["encoder"] = encoder.as_dict()
     summary["error_groups"] = report.group_errors(summary["errors"])
@@ -246,6 +250,7 @@ def curate_stream(run: CurateRun, chunks: list[tuple[Any, int]], plan: StagePlan
     commit_s = 0.0  # the driver's time in commits (the stream runs on meanwhile)
     stream = _pump(ds)
     most_in_flight = 0
+    compactions: list[list[dict[str, Any]]] = []
     display = RunProgress(todo=pending, mode=str(cfg.log.progress), every_s=float(cfg.log.progress_every_s),
                           stage_times=lambda: ray.get(ledger.snapshot.remote()))
     try:
@@ -267,6 +272,10 @@ def curate_stream(run: CurateRun, chunks: list[tuple[Any, int]], plan: StagePlan
                         first_commit_s = time.perf_counter() - run.started
                     log.info("committed %d videos (%d this run, %d in flight)", len(ready), committed,
                              len(progress.videos))
+                    every = write_node.get("compact_every_fragments")
+                    if every and store.fragments_since_compaction >= int(every) and not end:
+                        compactions.append(store.compact(target_rows=int(write_node["target_rows_per_fragment"]),
+                                                         keep_s=write_node.get("keep_versions_s")))
                 display.update(progress.totals, len(progress.videos))
             display.finish(progress.totals)
         most_in_flight = ray.get(ledger.most_in_flight.remote())
@@ -283,7 +292,8 @@ def curate_stream(run: CurateRun, chunks: list[tuple[Any, int]], plan: StagePlan
     if progress.late_fragments:
         log.info("%d fragments written twice by retried tasks were left out (and removed)", progress.late_fragments)
     return {"videos_committed": committed, "videos_incomplete": len(incomplete), "first_commit_s": first_commit_s,
-            "commits": store.commits, "commit_s": round(commit_s, 3), "most_videos_in_flight": most_in_flight}
+            "commits": store.commits, "commit_s": round(commit_s, 3), "most_videos_in_flight": most_in_flight,
+            "compactions_while_running": len(compactions)}
 
 
 

@@ -107,8 +107,14 @@ def commit_append(uri: str, fragments: list[str], read_version: int, storage_opt
 
 
 def transaction_properties(dataset: lance.LanceDataset, version: int) -> dict[str, str]:
-    """The properties the commit of `version` recorded ({} when none)."""
-    transaction = dataset.read_transaction(version)
+    """The properties the commit of `version` recorded ({} when none, or
+    when the version was retired: engine.store.compaction)."""
+    try:
+        transaction = dataset.read_transaction(version)
+    except OSError as exc:
+        if "not found" in str(exc).lower():
+            return {}
+        raise
     return dict(transaction.transaction_properties or {}) if transaction is not None else {}
 
 

@@ -77,9 +77,14 @@ class OutputLayout:
         as it is."""
         videos = self.open_videos(storage_options)
         clips = self.open_clips(storage_options)
-        transaction = videos.read_transaction(videos.version)
-        recorded = (transaction.transaction_properties or {}).get(CLIPS_VERSION_PROPERTY) if transaction else None
-        if recorded is not None and int(recorded) != clips.version:
+        recorded = None
+        for version in range(videos.version, 0, -1):  # past the videos table's own compactions
+            transaction = videos.read_transaction(version)
+            if transaction is None or type(transaction.operation).__name__ != "Rewrite":
+                props = (transaction.transaction_properties or {}) if transaction else {}
+                recorded = props.get(CLIPS_VERSION_PROPERTY)
+                break
+        if recorded is not None and int(recorded) != clips.version and not _only_rewrites(clips, int(recorded)):
             clips = clips.checkout_version(int(recorded))
         return clips, videos
 
@@ -104,6 +109,13 @@ def _open_table(uri: str, what: str, storage_options: dict[str, Any] | None) -> 
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise FileNotFoundError(f"no {what} at {uri}: run task=curate on this output first "
                                 f"({type(exc).__name__}: {exc})") from exc
+
+
+def _only_rewrites(table: lance.LanceDataset, since: int) -> bool:
+    """Whether every version of `table` after `since` is a compaction (same
+    rows, merged fragments), so its latest version holds what `since` held."""
+    return all(type(getattr(table.read_transaction(v), "operation", None)).__name__ == "Rewrite"
+               for v in range(since + 1, table.version + 1))
 
 
 def join(root: str, *parts: str) -> str:
