@@ -49,6 +49,8 @@ def log_summary(task: str, summary: dict, output: str) -> None:
         log_curate_report(summary, output)
         return
     brief = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+    if isinstance(summary.get("exports"), dict):
+        brief["exports"] = summary["exports"]  # where each format went
     log.info("%s done: %s -> %s", task, json.dumps(brief, default=str), output)
 
 

@@ -20,7 +20,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tables = [layout.clips] + ([layout.videos] if _exists(layout, options) else [])
     reports = [compact_and_retire(uri, target_rows=int(node.target_rows_per_fragment), keep_s=node.keep_versions_s,
                                   storage_options=options).as_dict() for uri in tables]
-    return {"tables": reports}
+    return {"tables": reports, "fragments_before": sum(r["fragments_before"] for r in reports),
+            "fragments_after": sum(r["fragments_after"] for r in reports),
+            "versions_removed": sum(r["versions_removed"] for r in reports)}
 
 
 def _exists(layout: outputs.OutputLayout, options: dict[str, Any] | None) -> bool:
