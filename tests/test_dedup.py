@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from engine.cli import CONFIG_DIR
 from engine.dedup.task import pruning_table, resolve_n_clusters, run
 from engine.store.lance_columns import replace_columns, write_columns
-from udfs.schema import CLIP_DEDUP_FIELDS, DEDUP_ASSIGN_SCHEMA
+from udfs.schema import CLIP_DEDUP_FIELDS, DEDUP_ASSIGN_SCHEMA, DEDUP_EPS_COLUMNS
 from scripts.planted_embeddings import PlantedSpec, planted_embeddings, row_ids
 from udfs.dedup.kmeans import KMeans, KMeansAssign, assign, have_faiss
 from udfs.dedup.pairwise import SemDedupCluster, max_sim_to_higher_ranked, rank_members
@@ -117,11 +117,19 @@ def test_kmeans_assign_stage_skips_bad_rows():
         "cid": ["a", "b", "c", "d"],
         "vec": pa.array([[0, 2, 0.1], None, [5, 0, 0], [float("inf"), 0, 0]], pa.list_(pa.float32(), 3)),
     })
-    out = KMeansAssign(centroids=centroids, id_column="cid", vector_column="vec")(batch)
+    out = KMeansAssign(centroids=centroids, id_column="cid", vector_column="vec", device="cpu", dtype="auto",
+                       margin=None)(batch)
     assert out.schema == DEDUP_ASSIGN_SCHEMA
     assert out.column("cluster").to_pylist() == [1, -1, 0, -1]
     assert out.column("skip").to_pylist() == [None, SKIP_NULL, None, SKIP_NONFINITE]
     assert out.column("centroid_dist").to_pylist()[1] is None
+    assert all(out.column("primary").to_pylist()) and all(out.column("new").to_pylist())
+    # With a margin: the first row (nearer centroid 1, 0.1 towards 2) also comes out under cluster 2.
+    near = KMeansAssign(centroids=centroids, id_column="cid", vector_column="vec", device="cpu", dtype="auto",
+                        margin=0.7)(batch)
+    assert near.column("cluster").to_pylist() == [1, -1, 0, -1, 2]
+    assert near.column("primary").to_pylist() == [True] * 4 + [False]
+    assert near.column("centroid_dist")[4] == near.column("centroid_dist")[0]  # ranked by its own centroid
 
 
 # ------------------------------------------------------------------ pairwise
@@ -208,7 +216,8 @@ def dedup_values(ds: lance.LanceDataset, which: list[int]) -> pa.Table:
                      "dedup_cluster": pa.array(range(n), pa.int32()),
                      "dedup_centroid_dist": pa.array([0.5] * n, pa.float32()),
                      "dedup_max_sim": pa.array([0.9] * n, pa.float32()),
-                     "dedup_max_id": pa.array(["x"] * n), "duplicate": pa.array([True] * n)})
+                     "dedup_max_id": pa.array(["x"] * n), "dedup_group": pa.array(range(n), pa.int64()),
+                     "duplicate": pa.array([True] * n)})
 
 
 def test_columns_are_added_then_replaced_without_touching_media(tmp_path, monkeypatch):
@@ -225,7 +234,7 @@ def test_columns_are_added_then_replaced_without_touching_media(tmp_path, monkey
         ("c0", 0, True), ("c2", 1, True), ("c8", 2, True)]
     before = data_files(ds)
     dup_only = [f for f in CLIP_DEDUP_FIELDS if f.name == "duplicate"]
-    values = dedup_values(ds, [0]).set_column(6, "duplicate", pa.array([False]))
+    values = dedup_values(ds, [0]).set_column(7, "duplicate", pa.array([False]))
     ds = write_columns(ds, values, dup_only)
     after = data_files(ds)
     assert set(base) <= set(after) and ds.version == v0 + 2
@@ -235,7 +244,7 @@ def test_columns_are_added_then_replaced_without_touching_media(tmp_path, monkey
     t = ds.to_table(columns=["clip_id", "dedup_cluster", "duplicate"]).to_pylist()
     assert [r["duplicate"] for r in t] == [False] + [None] * 8
     assert [r["dedup_cluster"] for r in t][:3] == [0, None, 1]
-    # All five replaced at once, across the files the two writes left.
+    # All six replaced at once, across the files the two writes left.
     ds = write_columns(ds, dedup_values(ds, [3, 4]), CLIP_DEDUP_FIELDS)
     assert set(base) <= set(data_files(ds)) and ds.version == v0 + 3
     t = ds.to_table(columns=["clip_id", *DEDUP_COLUMNS]).to_pylist()
@@ -293,10 +302,14 @@ def planted(tmp_path_factory, ray_session):
         "error": pa.array([None] * (len(x) + len(BAD_ROWS) + 1) + ["encode failed"], pa.string()),
     })
     before = lance.write_dataset(table, str(root / "emb.lance"), max_rows_per_file=1000)
+    lance.write_dataset(table, str(root / "semdedup.lance"), max_rows_per_file=1000)
     out = root / "out"
     summary = run(config(f"output={out}", f"dedup.table={root / 'emb.lance'}"))
+    semdedup = run(config(f"output={root / 'out_semdedup'}", f"dedup.table={root / 'semdedup.lance'}",
+                          "dedup.mode=semdedup"))
     return {"root": root, "out": out, "table": root / "emb.lance", "summary": summary, "spec": spec,
-            "files_before": data_files(before), "version_before": before.version}
+            "files_before": data_files(before), "version_before": before.version,
+            "semdedup_table": root / "semdedup.lance", "semdedup": semdedup}
 
 
 def read_results(table: Path, considered: bool = True) -> pa.Table:
@@ -309,13 +322,14 @@ def matrix(t: pa.Table) -> np.ndarray:
     return unit(np.stack([np.asarray(v, np.float32) for v in t.column("embedding").to_pylist()]))
 
 
-def test_kept_set_equals_brute_force_semdedup(planted):
-    t = read_results(planted["table"])
+def test_semdedup_mode_equals_brute_force_semdedup(planted):
+    """dedup.mode=semdedup is NeMo Curator's SemDeDup, as before components."""
+    t = read_results(planted["semdedup_table"])
     x = matrix(t)
     ids = np.array(t.column("clip_id").to_pylist(), dtype=object)
     cluster = t.column("dedup_cluster").to_numpy()
     dist = t.column("dedup_centroid_dist").to_numpy()
-    eps = planted["summary"]["eps"]
+    eps = planted["semdedup"]["eps"]
     kept_ref = np.ones(len(ids), bool)
     for c in np.unique(cluster):
         m = np.flatnonzero(cluster == c)
@@ -324,9 +338,10 @@ def test_kept_set_equals_brute_force_semdedup(planted):
     duplicate = np.asarray(t.column("duplicate").to_pylist())
     assert set(ids[~duplicate]) == set(ids[kept_ref])
     assert duplicate.sum() > 100  # the planted groups were found
-    k = planted["summary"]["run"]["n_clusters"]
+    k = planted["semdedup"]["run"]["n_clusters"]
     assert k == resolve_n_clusters("auto", 3004) == 55
     assert set(np.unique(cluster)) <= set(range(k))
+    assert planted["semdedup"]["run"]["boundary_members"] == 0 and planted["semdedup"]["run"]["edges"] is None
     # dedup_max_id names a higher-ranked member of the same cluster.
     by_id = {i: n for n, i in enumerate(ids)}
     max_id = t.column("dedup_max_id").to_pylist()
@@ -334,20 +349,68 @@ def test_kept_set_equals_brute_force_semdedup(planted):
         partner = by_id[max_id[n]]
         assert cluster[partner] == cluster[n] and (dist[partner], ids[partner]) > (dist[n], ids[n])
         assert float(x[n] @ x[partner]) == pytest.approx(t.column("dedup_max_sim")[n].as_py(), abs=1e-5)
+    # Its groups are the trees of those links: a flagged row shares its partner's group.
+    group = t.column("dedup_group").to_numpy(zero_copy_only=False)
+    for n in np.flatnonzero(duplicate)[:200]:
+        assert group[n] == group[by_id[max_id[n]]]
+
+
+def exact_components(x: np.ndarray, eps: float) -> np.ndarray:
+    """Component label of every row in the exact all-pairs graph at cosine >= 1 - eps."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    return connected_components(csr_matrix(np.triu(x @ x.T >= 1 - eps, k=1)), directed=False)[1]
+
+
+def kept_by_rank(label: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """True for every row that is not the best-ranked of its component."""
+    best = np.full(label.max() + 1, np.iinfo(np.int64).max)
+    np.minimum.at(best, label, rank)
+    return rank != best[label]
+
+
+def hard_rank(ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    rank = np.empty(len(ids), np.int64)
+    rank[rank_members(ids, dist, "hard")] = np.arange(len(ids))
+    return rank
+
+
+def test_components_equal_exact_all_pairs_groups(planted):
+    """The default mode keeps exactly the best-ranked (keep=hard) member of
+    every group of the exact all-pairs graph at eps: nothing straddling a
+    cluster boundary was missed and no chain was left open."""
+    t = read_results(planted["table"])
+    x = matrix(t)
+    ids = np.array(t.column("clip_id").to_pylist(), dtype=object)
+    dist = t.column("dedup_centroid_dist").to_numpy()
+    label = exact_components(x, planted["summary"]["eps"])
+    duplicate = np.asarray(t.column("duplicate").to_pylist())
+    np.testing.assert_array_equal(duplicate, kept_by_rank(label, hard_rank(ids, dist)))
+    assert planted["summary"]["mode"] == "components" and planted["summary"]["run"]["boundary_members"] > 0
+    # dedup_group: the smallest _rowid of the group, null for rows without a near-duplicate.
+    ds = lance.dataset(str(planted["table"]))
+    g = ds.to_table(columns=["dedup_group"], filter="dedup_cluster IS NOT NULL", with_row_id=True)
+    group = g.column("dedup_group").to_numpy(zero_copy_only=False).astype(float)
+    rowid = g.column("_rowid").to_numpy()
+    size = np.bincount(label)
+    for c in np.unique(label[size[label] > 1]):
+        members = label == c
+        assert (group[members] == rowid[members].min()).all()
+    assert np.isnan(group[size[label] == 1]).all()
 
 
 def test_recall_of_planted_pairs_against_exact_all_pairs(planted):
     t = read_results(planted["table"])
     duplicate = np.asarray(t.column("duplicate").to_pylist())
     recall, pairs = pair_recall(matrix(t), duplicate, planted["summary"]["eps"])
-    assert pairs > 200 and recall >= 0.99, (recall, pairs)
+    assert pairs > 200 and recall == 1.0, (recall, pairs)
     group = t.column("planted_group").to_numpy()
-    # Precision against the planted truth: every removed row has a planted twin;
-    # a group keeps one member unless k-means split it between clusters.
+    # Precision against the planted truth: every removed row has a planted
+    # twin, and every planted group keeps exactly one member.
     assert (group[duplicate] >= 0).all()
     kept_per_group = np.bincount(group[(group >= 0) & ~duplicate], minlength=group.max() + 1)
-    assert (kept_per_group[np.unique(group[group >= 0])] >= 1).all()
-    assert (kept_per_group[np.unique(group[group >= 0])] == 1).mean() >= 0.97
+    assert (kept_per_group[np.unique(group[group >= 0])] == 1).all()
 
 
 def test_unusable_and_unselected_rows_are_skipped_and_counted(planted):
@@ -375,8 +438,14 @@ def test_dedup_files_and_media_untouched(planted):
     dups = sorted(np.array(t.column("clip_id").to_pylist())[np.asarray(t.column("duplicate").to_pylist())])
     assert pq.read_table(out / "duplicates").column("id").to_pylist() == dups
     scores = prune.column("cosine_sim_score").to_numpy()
-    assert set(prune.filter(pa.compute.greater_equal(prune["cosine_sim_score"], 0.99))["id"].to_pylist()) == set(dups)
+    # NeMo's removal rule on pruning.parquet flags a subset: a chain's far end has no direct higher-ranked twin.
+    assert set(prune.filter(pa.compute.greater_equal(prune["cosine_sim_score"], 0.99))["id"].to_pylist()) <= set(dups)
     assert (scores >= 0).all()
+    edges = pq.read_table(out / "edges.parquet")
+    assert edges.num_rows == summary["run"]["edges"] > 0
+    assert (edges.column("sim").to_numpy() >= 1 - 0.1 - 1e-6).all()  # the largest eps of the sweep
+    assert (edges.column("a").to_numpy() < edges.column("b").to_numpy()).all()
+    assert pq.read_table(out / "boundary.parquet").num_rows == summary["run"]["boundary_members"]
     lines = (out / "dedup_summary.csv").read_text().splitlines()
     assert lines[0] == "eps,kept,removed,total"
     rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
@@ -388,13 +457,13 @@ def test_dedup_files_and_media_untouched(planted):
     assert on_disk["removed"] == summary["removed"] and on_disk["run"]["kmeans"]["converged"]
 
 
-def test_new_eps_rewrites_only_duplicate(planted):
+def test_new_eps_rewrites_only_the_eps_columns(planted):
     table = planted["table"]
     ds = lance.dataset(str(table))
     before_files = data_files(ds)
     before = read_results(table, considered=False)
     summary = run(config(f"output={planted['out']}", f"dedup.table={table}", "dedup.eps=0.0035"))
-    assert summary["run"]["reused"] and summary["columns_written"] == ["duplicate"]
+    assert summary["run"]["reused"] and summary["columns_written"] == list(DEDUP_EPS_COLUMNS)
     ds2 = lance.dataset(str(table))
     assert ds2.version == ds.version + 1
     after = read_results(table, considered=False)
@@ -402,18 +471,25 @@ def test_new_eps_rewrites_only_duplicate(planted):
         assert after.column(col).equals(before.column(col)), col
     flat = [pa.compute.list_flatten(t.column("embedding")).to_numpy() for t in (before, after)]
     np.testing.assert_array_equal(*flat)  # NaN-aware: the bad-nan row is in there
-    sim = after.column("dedup_max_sim").to_numpy(zero_copy_only=False).astype(np.float64)
-    considered = ~np.isnan(after.column("dedup_centroid_dist").to_numpy(zero_copy_only=False).astype(np.float64))
-    want = [bool(s >= 1 - 0.0035) if c else None for s, c in zip(np.nan_to_num(sim, nan=-1), considered)]
-    assert after.column("duplicate").to_pylist() == want
+    # The groups at the new eps come from the stored edges: those of exact all-pairs.
+    t = read_results(table)
+    ids = np.array(t.column("clip_id").to_pylist(), dtype=object)
+    label = exact_components(matrix(t), 0.0035)
+    want = kept_by_rank(label, hard_rank(ids, t.column("dedup_centroid_dist").to_numpy()))
+    np.testing.assert_array_equal(np.asarray(t.column("duplicate").to_pylist()), want)
     assert after.column("duplicate").to_pylist() != before.column("duplicate").to_pylist()
-    dup_id = next(f.id() for f in ds2.lance_schema.fields() if f.name() == "duplicate")
+    eps_ids = {f.id() for f in ds2.lance_schema.fields() if f.name() in DEDUP_EPS_COLUMNS}
     new_files = {p: f for p, f in data_files(ds2).items() if p not in before_files}
-    assert new_files and all(f == [dup_id] for f in new_files.values())
+    assert new_files and all(set(f) == eps_ids for f in new_files.values())
     assert pq.read_table(planted["out"] / "dedup" / "duplicates").num_rows == summary["removed"]
     # Back to the first eps: the same duplicates as the first run.
     run(config(f"output={planted['out']}", f"dedup.table={table}"))
-    assert read_results(table, considered=False).column("duplicate").equals(before.column("duplicate"))
+    again = read_results(table, considered=False)
+    assert again.column("duplicate").equals(before.column("duplicate"))
+    assert again.column("dedup_group").equals(before.column("dedup_group"))
+    # Above the eps the boundary margin was chosen for: computed again, in full.
+    wider = run(config(f"output={planted['out']}", f"dedup.table={table}", "dedup.eps=0.02"))
+    assert not wider["run"]["reused"] and wider["run"]["boundary_eps"] == 0.02
 
 
 def keep_table(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -199,13 +199,20 @@ CLIP_DEDUP_FIELDS: list[pa.Field] = [
     pa.field("dedup_cluster", pa.int32()),
     # Cosine distance to the cluster's (normalised) centroid: what keep=hard|easy ranks by.
     pa.field("dedup_centroid_dist", pa.float32()),
-    # Highest cosine similarity to a higher-ranked member of the same cluster,
-    # and that member's id; null for the top-ranked member.
+    # Highest cosine similarity to a higher-ranked member it was compared
+    # with (its cluster; with dedup.mode=components also the boundary
+    # comparisons), and that member's id; null when none ranks higher.
     pa.field("dedup_max_sim", pa.float32()),
     pa.field("dedup_max_id", pa.string()),
-    # dedup_max_sim >= 1 - dedup.eps: drop it, its twin dedup_max_id is kept.
+    # The duplicate group at dedup.eps: the smallest `_rowid` of its members;
+    # null for a row with no near-duplicate.
+    pa.field("dedup_group", pa.int64()),
+    # Drop it: another member of its group is kept (exactly one per group
+    # with dedup.mode=components).
     pa.field("duplicate", pa.bool_()),
 ]
+# The columns a re-run with only a new dedup.eps rewrites.
+DEDUP_EPS_COLUMNS = ("dedup_group", "duplicate")
 
 # Transient rows between the dedup stages (never written to a table). Rows
 # are addressed by Lance's `_rowaddr` (where results are written back) and
@@ -216,18 +223,48 @@ DEDUP_ROW_FIELDS: list[pa.Field] = [
     pa.field("id", pa.string()),
 ]
 # After nearest-centroid assignment: cluster -1 and `skip` set for a row
-# whose vector cannot take part.
+# whose vector cannot take part. A row near a cluster boundary appears a
+# second time, `primary` false, under the cluster across that boundary;
+# `centroid_dist` is always the distance to its own (nearest) centroid, which
+# is what it is ranked by. `new`: not compared in an earlier run (every row
+# of a full run; the grown part of the table in an incremental one).
 DEDUP_ASSIGN_SCHEMA = pa.schema([
     *DEDUP_ROW_FIELDS,
     pa.field("cluster", pa.int32()),
     pa.field("centroid_dist", pa.float32()),
     pa.field("skip", pa.string()),
+    pa.field("primary", pa.bool_()),
+    pa.field("new", pa.bool_()),
 ])
-# After the pairwise pass over one cluster.
+# After the pairwise pass over one cluster: one row per member it compared
+# (a boundary member once per cluster it was compared in). `max_sim` /
+# `max_id`: its best higher-ranked partner there; `nbr_rowid` / `nbr_sim`:
+# the partners at cosine >= 1 - the largest eps kept (the duplicate edges).
 DEDUP_PAIRWISE_SCHEMA = pa.schema([
+    *DEDUP_ROW_FIELDS,
+    pa.field("cluster", pa.int32()),
+    pa.field("centroid_dist", pa.float32()),
+    pa.field("primary", pa.bool_()),
+    pa.field("max_sim", pa.float32()),
+    pa.field("max_id", pa.string()),
+    pa.field("nbr_rowid", pa.list_(pa.uint64())),
+    pa.field("nbr_sim", pa.list_(pa.float32())),
+])
+# One row per considered row once the pairwise rows are merged: its own
+# cluster, and its best higher-ranked partner over every cluster it was
+# compared in.
+DEDUP_RESULT_SCHEMA = pa.schema([
     *DEDUP_ROW_FIELDS,
     pa.field("cluster", pa.int32()),
     pa.field("centroid_dist", pa.float32()),
     pa.field("max_sim", pa.float32()),
     pa.field("max_id", pa.string()),
+])
+# OUT/dedup/edges.parquet: every duplicate edge found, once, at cosine >= 1 -
+# the largest eps of the summary sweep; components at any smaller eps come
+# from it without another pass.
+DEDUP_EDGE_SCHEMA = pa.schema([
+    pa.field("a", pa.uint64()),
+    pa.field("b", pa.uint64()),
+    pa.field("sim", pa.float32()),
 ])

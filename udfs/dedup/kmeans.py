@@ -97,17 +97,28 @@ def _chunk_rows(k: int) -> int:
 class _Nearest:
     """Nearest centroid of every row, chunk by chunk: for unit rows
     argmin |x - c|^2 = argmax (x.c - |c|^2 / 2). Rows that are not unit
-    length are scaled through `inv_norms` on the scores, never copied."""
+    length are scaled through `inv_norms` on the scores, never copied.
 
-    def __init__(self, centroids: torch.Tensor, dtype: torch.dtype) -> None:
+    With a `margin`, also the boundary cluster of each row: the centroid
+    whose bisector with the nearest one is closest to the row, if it is
+    within `margin` (-1 otherwise). The distance from x to the bisector of
+    centroids a and b is (s_a - s_b) / |c_a - c_b| for the scores s above."""
+
+    def __init__(self, centroids: torch.Tensor, dtype: torch.dtype, margin: float | None = None) -> None:
         self.c = centroids.to(dtype)
         self.half_sq = 0.5 * (centroids.float() ** 2).sum(1)
         self.dtype = dtype
+        self.margin = margin
+        if margin is not None:
+            cf = centroids.float()
+            self.gap = torch.cdist(cf, cf).clamp_min_(1e-12)
 
-    def __call__(self, x: torch.Tensor, inv_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(label int64, unit(x) . c_label float32) for the rows of `x`."""
+    def __call__(self, x: torch.Tensor, inv_norms: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(label int64, unit(x) . c_label float32[, boundary label int64]) for the rows of `x`."""
         labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
         dots = torch.empty(len(x), dtype=torch.float32, device=x.device)
+        second = torch.full((len(x),), -1, dtype=torch.int64, device=x.device)
         step = _chunk_rows(len(self.c))
         for s in range(0, len(x), step):
             xs = x[s : s + step].to(self.dtype)
@@ -118,7 +129,15 @@ class _Nearest:
             best, idx = score.max(dim=1)
             labels[s : s + step] = idx
             dots[s : s + step] = best + self.half_sq[idx]
-        return labels, dots
+            if self.margin is not None and len(self.c) > 1:
+                # In place: the score chunk becomes the distance to each bisector.
+                h = torch.neg(score, out=score).add_(best[:, None]).div_(self.gap[idx])
+                h.scatter_(1, idx[:, None], math.inf)
+                near, which = h.min(dim=1)
+                second[s : s + step] = torch.where(near <= self.margin, which, -1)
+        if self.margin is None:
+            return labels, dots
+        return labels, dots, second
 
 
 def _sq_dist(x_sq: torch.Tensor, dots: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
@@ -348,18 +367,37 @@ def _fit_cuml(x: torch.Tensor, k: int, init: torch.Tensor | None, max_iter: int,
 
 
 def assign(x: np.ndarray | torch.Tensor, centroids: np.ndarray, *, device: str | torch.device = "cpu",
-           dtype: str | torch.dtype = "auto", norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           dtype: str | torch.dtype = "auto", norms: np.ndarray | None = None,
+           margin: float | None = None) -> tuple[np.ndarray, ...]:
     """(nearest centroid int32, cosine distance to its normalised centroid float32)
-    for the rows of `x`: unit rows, or any rows with their L2 `norms`."""
+    for the rows of `x`: unit rows, or any rows with their L2 `norms`. With a
+    `margin`, a third array: the boundary cluster within `margin` (int32, -1
+    for none; see `boundary_margin`)."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
     xt = (x if isinstance(x, torch.Tensor) else read_only_tensor(np.asarray(x, dtype=np.float32))).to(dev)
     inv = None if norms is None else (1.0 / torch.from_numpy(np.asarray(norms, dtype=np.float32))).to(dev)
-    labels, dots = _Nearest(c, dt)(xt, inv)
+    found = _Nearest(c, dt, margin)(xt, inv)
+    labels, dots = found[0], found[1]
     cnorm = c.norm(dim=1).clamp_min(1e-12)
     dist = (1.0 - dots / cnorm[labels]).clamp_(0.0, 2.0)
-    return labels.to(torch.int32).cpu().numpy(), dist.cpu().numpy().astype(np.float32, copy=False)
+    out = (labels.to(torch.int32).cpu().numpy(), dist.cpu().numpy().astype(np.float32, copy=False))
+    if margin is None:
+        return out
+    return (*out, found[2].to(torch.int32).cpu().numpy())
+
+
+def boundary_margin(eps: float) -> float:
+    """How close to a bisector a unit row must be to be compared across it
+    too, so that no pair at cosine >= 1 - eps straddling it is missed.
+
+    Such a pair x, y has |x - y| <= sqrt(2 eps). The bisector of centroids
+    a, b is a hyperplane, and x (nearest a) and y (nearest b) lie on either
+    side of it, so their distances to it add up to at most |x - y|: one of
+    the two is within sqrt(2 eps) / 2 of it, and is compared in the other's
+    cluster."""
+    return math.sqrt(2.0 * eps) / 2.0
 
 
 def read_only_tensor(x: np.ndarray) -> torch.Tensor:
@@ -383,15 +421,19 @@ class KMeansAssign:
     In: Lance `_rowaddr`, `_rowid`, the id column and the vector column.
     Out: DEDUP_ASSIGN_SCHEMA (no vectors). A row whose vector is null, of
     another length than the centroids, non-finite or all zeros gets
-    cluster -1 and the reason in `skip`."""
+    cluster -1 and the reason in `skip`. With a `margin` (see
+    `boundary_margin`), a row that close to the bisector with a second
+    centroid comes out a second time, `primary` false, under that cluster."""
 
-    def __init__(self, *, centroids: np.ndarray, id_column: str = "id", vector_column: str = "vector",
-                 device: str = "auto", dtype: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, *, centroids: np.ndarray, id_column: str, vector_column: str, device: str, dtype: str,
+                 margin: float | None, new: bool = True, threads: int | None = None) -> None:
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.id_column = id_column
         self.vector_column = vector_column
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        self.margin = margin
+        self.new = bool(new)
         set_threads(threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -401,14 +443,23 @@ class KMeansAssign:
         x, norms, reason = checked_rows(batch.column(self.vector_column), self.centroids.shape[1])
         ok = np.equal(reason, None)
         cluster = np.full(n, -1, dtype=np.int32)
+        second = np.full(n, -1, dtype=np.int32)
         dist = np.zeros(n, dtype=np.float32)
         if len(x):
-            cluster[ok], dist[ok] = assign(x, self.centroids, device=self.device, dtype=self.dtype, norms=norms)
+            found = assign(x, self.centroids, device=self.device, dtype=self.dtype, norms=norms, margin=self.margin)
+            cluster[ok], dist[ok] = found[0], found[1]
+            if self.margin is not None:
+                second[ok] = found[2]
+        rows = np.r_[np.arange(n), np.flatnonzero(second >= 0)]
+        primary = np.arange(len(rows)) < n
+        ids = batch.column(self.id_column).cast(pa.string())
         return pa.Table.from_arrays([
-            batch.column("_rowaddr").cast(pa.uint64()),
-            batch.column("_rowid").cast(pa.uint64()),
-            batch.column(self.id_column).cast(pa.string()),
-            pa.array(cluster),
-            pa.array(dist, mask=~ok),
-            pa.array(reason.tolist(), pa.string()),
+            batch.column("_rowaddr").cast(pa.uint64()).take(rows),
+            batch.column("_rowid").cast(pa.uint64()).take(rows),
+            ids.take(rows),
+            pa.array(np.where(primary, cluster[rows], second[rows]).astype(np.int32)),
+            pa.array(dist[rows], mask=~ok[rows]),
+            pa.array(reason[rows].tolist(), pa.string()),
+            pa.array(primary),
+            pa.array(np.full(len(rows), self.new)),
         ], schema=DEDUP_ASSIGN_SCHEMA)
