@@ -34,7 +34,7 @@ from engine.export.exporters.parquet import write_parquet
 from engine.export.exporters.target import ExportTarget
 from engine.export.exporters.webdataset import write_webdataset
 from udfs.uris import lance_storage_options
-from engine.store.views import resolve_where
+from engine.store.views import reader_where
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,18 @@ def _writers(export_cfg: Any) -> dict[str, Callable[..., dict[str, Any]]]:
     }
 
 
+def export_where(export_cfg: Any, clips: lance.LanceDataset, storage_options: dict[str, Any] | None) -> str | None:
+    """The rows an export writes: `export.where` (default the curated view),
+    without the clips rejected in the UI unless `export.include_rejected`."""
+    return reader_where(export_cfg.get("where"), clips.schema, clips.uri, lance_storage_options(storage_options),
+                        bool(export_cfg.get("include_rejected")))
+
+
 def export_all(export_cfg: Any, clips: lance.LanceDataset, layout: outputs.OutputLayout,
                storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Every export `export_cfg` turns on; format -> its result (`path` and counts)."""
     formats = export_formats(export_cfg)
-    where = resolve_where(export_cfg.get("where"), clips.schema)
+    where = export_where(export_cfg, clips, storage_options)
     writers = _writers(export_cfg)
     done: dict[str, dict[str, Any]] = {}
     if export_cfg.get("parquet"):
@@ -133,5 +140,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     done = export_all(node, clips, layout, storage_options)
     exports = {("parquet" if k == "parquet_legacy" else k): v["path"] for k, v in done.items()}
     return {"exports": exports, "results": done, "table_version": clips.version,
-            "where": resolve_where(cfg.export.get("where"), clips.schema)}
+            "where": export_where(cfg.export, clips, storage_options)}
 

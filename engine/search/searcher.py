@@ -50,7 +50,9 @@ import pyarrow.compute as pc
 
 import reelsift_conf
 from engine.index import ann
+from engine.store.labels import LabelStore
 from engine.store.outputs import OutputLayout
+from engine.store.views import without_clips
 
 # Always in a result, in this order; then the requested columns.
 RESULT_FIELDS = [
@@ -126,12 +128,14 @@ class Capabilities:
 
 def open(path: str | os.PathLike[str], *, model: str | None = None, device: str = "auto",
          storage_options: dict[str, str] | None = None, vector_column: str | None = None,
-         id_column: str | None = None) -> Searcher:
+         id_column: str | None = None, include_rejected: bool = False) -> Searcher:
     """A searcher over an output folder (its `clips.lance`) or a Lance table.
 
     `model` overrides the embedding model recorded in the table (a folder or a
     hub id), e.g. when the weights moved. `vector_column` / `id_column`
-    default to what `task=index` recorded, else `embedding` / `clip_id`."""
+    default to what `task=index` recorded, else `embedding` / `clip_id`.
+    Clips rejected in the UI (`labels.lance` beside the table) are left out
+    of every query unless `include_rejected`."""
     root = str(path)
     if root.rstrip("/").endswith(".lance"):
         table_uri, layout = root, None
@@ -143,16 +147,20 @@ def open(path: str | os.PathLike[str], *, model: str | None = None, device: str 
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise FileNotFoundError(f"no Lance table at {table_uri}: run task=curate first, or pass a .lance path "
                                 f"({_first_line(exc)})") from exc
+    labels = LabelStore(table_uri, storage_options) if not include_rejected else None
     return Searcher(ds, layout=layout, model=model, device=device, vector_column=vector_column,
-                    id_column=id_column)
+                    id_column=id_column, labels=labels)
 
 
 class Searcher:
     """Search one clip table. Thread-safe for concurrent queries (the web UI)."""
 
     def __init__(self, dataset: lance.LanceDataset, *, layout: OutputLayout | None = None, model: str | None = None,
-                 device: str = "auto", vector_column: str | None = None, id_column: str | None = None) -> None:
+                 device: str = "auto", vector_column: str | None = None, id_column: str | None = None,
+                 labels: LabelStore | None = None) -> None:
         self.dataset = dataset
+        # Whose rejected clips every query leaves out (None: none left out).
+        self.labels = labels
         self.layout = layout
         self.device = device
         names = set(dataset.schema.names)
@@ -205,7 +213,7 @@ class Searcher:
             raise SearchError(f"unknown mode {mode!r}; choose one of {MODES}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise SearchError(f"k must be a positive integer, got {k!r}")
-        where = (where or "").strip() or None
+        where = self._visible(where)
         extra = self._extra_columns(columns)
         if text is not None:
             text = str(text).strip()
@@ -231,9 +239,9 @@ class Searcher:
                columns: Sequence[str] = (), order_by: str | None = None, descending: bool = False) -> pa.Table:
         """Clips matching `where` without a query (score is null), in table
         order or by `order_by`: the UI's gallery when nothing is searched."""
-        where = (where or "").strip() or None
+        where = self._visible(where)
         if where:
-            self.count(where)  # a clear error for a bad filter
+            self._count(where)  # a clear error for a bad filter
         extra = self._extra_columns(columns)
         cols = self._select(extra)
         if order_by is not None:
@@ -252,6 +260,16 @@ class Searcher:
 
     def count(self, where: str | None = None) -> int:
         """Rows matching `where` (all rows for None); a bad filter raises FilterError."""
+        return self._count(self._visible(where))
+
+    def _visible(self, where: str | None) -> str | None:
+        """`where` without the rejected clips (when this searcher leaves them out)."""
+        where = (where or "").strip() or None
+        if self.labels is None:
+            return where
+        return without_clips(where, self.labels.rejected(), self.id_column)
+
+    def _count(self, where: str | None) -> int:
         where = (where or "").strip() or None
         if where is None:
             return self.capabilities.rows
@@ -443,7 +461,7 @@ class Searcher:
         assert self.tuned is not None
         selectivity = matching = None
         if where:
-            matching = self.count(where)
+            matching = self._count(where)
             if matching == 0:
                 return self.dataset.to_table(columns=self._select(extra), limit=0, with_row_id=True).append_column(
                     "_distance", pa.array([], pa.float32()))
@@ -461,7 +479,7 @@ class Searcher:
                                   + ("run task=index on this output" if captions else
                                      "this table has no captions (run curate with caption=qwen_vl)"))
         if where:
-            self.count(where)
+            self._count(where)
         column = DEFAULT_FTS_COLUMN if DEFAULT_FTS_COLUMN in self.capabilities.fts_columns else self.capabilities.fts_columns[0]
         try:
             return self.dataset.to_table(columns=self._select(extra) + ["_score"],
@@ -642,7 +660,8 @@ def run(cfg: Any) -> dict[str, Any]:
     query = {k: str(v) for k, v in query.items() if v is not None}
     try:
         searcher = open(str(cfg.output), model=cfg.get("model"),
-                        storage_options=lance_storage_options(outputs.storage_options(cfg)))
+                        storage_options=lance_storage_options(outputs.storage_options(cfg)),
+                        include_rejected=bool(cfg.get("include_rejected")))
         if not query:
             raise SearchError("nothing to search for: give query=TEXT, clip_id=ID, image=PATH or video=PATH")
         result = searcher.search(**query, where=cfg.get("where"), k=int(cfg.get("k", 10)),

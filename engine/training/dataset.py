@@ -51,7 +51,7 @@ from engine.runtime.private_apis import new_shared_tensor
 from udfs.media.frames import FrameShaper, FrameSpec, ShortClip, SkipClip, decode_frames, window_indices
 from udfs.lance_rows import take_rows
 from udfs.uris import lance_storage_options, scheme_of
-from engine.store.views import resolve_where
+from engine.store.views import reader_where
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ class ClipDataset(IterableDataset):
     and every column in `columns` (lists such as `embedding` as tensors).
 
     `where` is a Lance filter (default: the curated view; `"all"`: every
-    row). `caption`: `"auto"` (the clip's caption when the table has
+    row); clips rejected in the UI (`labels.lance`) are left out of either
+    unless `include_rejected`. `caption`: `"auto"` (the clip's caption when the table has
     captions, else none), `"clip"`, `"clip_enhanced"`, `"window"` (a random
     caption window, whose frames the sample is taken from),
     `"window_enhanced"` or None; asking for captions the table lacks raises. `short_clips`: `"skip"`, `"pad"` (repeat the last frame) or
@@ -243,6 +244,7 @@ class ClipDataset(IterableDataset):
         decode_threads: int = 1,
         read_ahead: int = DEFAULT_READ_AHEAD,
         batch_size: int | None = None,
+        include_rejected: bool = False,
     ) -> None:
         super().__init__()
         self.uri = clips_uri(output)
@@ -266,7 +268,7 @@ class ClipDataset(IterableDataset):
         self.sampler = ClipSampler(spec=self.spec, caption=resolve_caption(caption, table.schema.names),
                                    columns=columns, seed=seed, decode_threads=decode_threads)
         self.version = int(table.version)
-        self.where = resolve_where(where, table.schema)
+        self.where = reader_where(where, table.schema, self.uri, self.storage_options, include_rejected)
         self.read_columns = self.sampler.read_columns(table.schema)
         self.num_clips = table.count_rows(filter=self.where)
         # Shared memory, so persistent DataLoader workers see set_epoch.

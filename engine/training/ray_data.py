@@ -24,7 +24,7 @@ from engine.training.captions import resolve_caption
 from udfs.media.frames import FrameSpec, SkipClip
 from engine.training.dataset import COUNT_KEYS, ClipSampler, clips_uri, open_clips
 from udfs.uris import lance_storage_options
-from engine.store.views import resolve_where
+from engine.store.views import reader_where
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def ray_dataset(
     concurrency: int | tuple[int, int] | None = None,
     num_cpus: float = 1.0,
     decode_threads: int = 1,
+    include_rejected: bool = False,
 ) -> ray.data.Dataset:
     """The clip samples as a Ray Data dataset; arguments as `ClipDataset`'s.
     `shuffle` shuffles the rows (seeded by seed + epoch) before decoding;
@@ -142,7 +143,7 @@ def ray_dataset(
     caption = resolve_caption(caption, table.schema.names)
     sampler = ClipSampler(spec=spec, caption=caption, columns=columns, seed=seed)
     version = int(table.version)
-    flt = resolve_where(where, table.schema)
+    flt = reader_where(where, table.schema, uri, lance_opts, include_rejected)
     scanner: dict[str, Any] = {"with_row_id": True}
     if flt is not None:
         scanner["filter"] = flt  # pushed down to Lance, as ClipDataset's
