@@ -51,7 +51,7 @@ def assign_and_compare(cfg: DictConfig, source: DedupSource, centroids, dim: int
     dcfg = cfg.dedup
     assign_step = StageStep.from_node("dedup_assign", KMeansAssign, dcfg.assign, params={
         "centroids": centroids, "id_column": source.id_column, "vector_column": source.vector_column,
-        "margin": margin})
+        "margin": margin, "extra": int(dcfg.boundary.clusters)})
     pair_step = StageStep.from_node("dedup_pairwise", ClusterPairwise, dcfg.pairwise, params={
         "table": source.uri, "version": source.version, "storage_options": source.storage_options,
         "vector_column": source.vector_column, "dim": dim, "seed": int(dcfg.seed), "keep": str(dcfg.keep),

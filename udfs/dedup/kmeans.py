@@ -99,16 +99,18 @@ class _Nearest:
     argmin |x - c|^2 = argmax (x.c - |c|^2 / 2). Rows that are not unit
     length are scaled through `inv_norms` on the scores, never copied.
 
-    With a `margin`, also the boundary cluster of each row: the centroid
-    whose bisector with the nearest one is closest to the row, if it is
-    within `margin` (-1 otherwise). The distance from x to the bisector of
+    With a `margin`, also the boundary clusters of each row: the `extra`
+    centroids whose bisectors with the nearest one are closest to the row,
+    those within `margin` (-1 otherwise). The distance from x to the bisector of
     centroids a and b is (s_a - s_b) / |c_a - c_b| for the scores s above."""
 
-    def __init__(self, centroids: torch.Tensor, dtype: torch.dtype, margin: float | None = None) -> None:
+    def __init__(self, centroids: torch.Tensor, dtype: torch.dtype, margin: float | None = None,
+                 extra: int = 1) -> None:
         self.c = centroids.to(dtype)
         self.half_sq = 0.5 * (centroids.float() ** 2).sum(1)
         self.dtype = dtype
         self.margin = margin
+        self.extra = max(1, min(int(extra), len(centroids) - 1))
         if margin is not None:
             cf = centroids.float()
             self.gap = torch.cdist(cf, cf).clamp_min_(1e-12)
@@ -118,7 +120,7 @@ class _Nearest:
         """(label int64, unit(x) . c_label float32[, boundary label int64]) for the rows of `x`."""
         labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
         dots = torch.empty(len(x), dtype=torch.float32, device=x.device)
-        second = torch.full((len(x),), -1, dtype=torch.int64, device=x.device)
+        second = torch.full((len(x), self.extra), -1, dtype=torch.int64, device=x.device)
         step = _chunk_rows(len(self.c))
         for s in range(0, len(x), step):
             xs = x[s : s + step].to(self.dtype)
@@ -133,7 +135,7 @@ class _Nearest:
                 # In place: the score chunk becomes the distance to each bisector.
                 h = torch.neg(score, out=score).add_(best[:, None]).div_(self.gap[idx])
                 h.scatter_(1, idx[:, None], math.inf)
-                near, which = h.min(dim=1)
+                near, which = torch.topk(h, self.extra, dim=1, largest=False)
                 second[s : s + step] = torch.where(near <= self.margin, which, -1)
         if self.margin is None:
             return labels, dots
@@ -368,17 +370,17 @@ def _fit_cuml(x: torch.Tensor, k: int, init: torch.Tensor | None, max_iter: int,
 
 def assign(x: np.ndarray | torch.Tensor, centroids: np.ndarray, *, device: str | torch.device = "cpu",
            dtype: str | torch.dtype = "auto", norms: np.ndarray | None = None,
-           margin: float | None = None) -> tuple[np.ndarray, ...]:
+           margin: float | None = None, extra: int = 1) -> tuple[np.ndarray, ...]:
     """(nearest centroid int32, cosine distance to its normalised centroid float32)
     for the rows of `x`: unit rows, or any rows with their L2 `norms`. With a
-    `margin`, a third array: the boundary cluster within `margin` (int32, -1
-    for none; see `boundary_margin`)."""
+    `margin`, a third array (n, extra): the boundary clusters within
+    `margin`, nearest bisector first (int32, -1 for none; `boundary_margin`)."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
     xt = (x if isinstance(x, torch.Tensor) else read_only_tensor(np.asarray(x, dtype=np.float32))).to(dev)
     inv = None if norms is None else (1.0 / torch.from_numpy(np.asarray(norms, dtype=np.float32))).to(dev)
-    found = _Nearest(c, dt, margin)(xt, inv)
+    found = _Nearest(c, dt, margin, extra)(xt, inv)
     labels, dots = found[0], found[1]
     cnorm = c.norm(dim=1).clamp_min(1e-12)
     dist = (1.0 - dots / cnorm[labels]).clamp_(0.0, 2.0)
@@ -422,17 +424,19 @@ class KMeansAssign:
     Out: DEDUP_ASSIGN_SCHEMA (no vectors). A row whose vector is null, of
     another length than the centroids, non-finite or all zeros gets
     cluster -1 and the reason in `skip`. With a `margin` (see
-    `boundary_margin`), a row that close to the bisector with a second
-    centroid comes out a second time, `primary` false, under that cluster."""
+    `boundary_margin`), a row that close to the bisector with another
+    centroid comes out again, `primary` false, under that cluster (for at
+    most `extra` such centroids, the nearest bisectors first)."""
 
     def __init__(self, *, centroids: np.ndarray, id_column: str, vector_column: str, device: str, dtype: str,
-                 margin: float | None, new: bool = True, threads: int | None = None) -> None:
+                 margin: float | None, extra: int = 1, new: bool = True, threads: int | None = None) -> None:
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.id_column = id_column
         self.vector_column = vector_column
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self.margin = margin
+        self.extra = int(extra)
         self.new = bool(new)
         set_threads(threads)
 
@@ -443,21 +447,24 @@ class KMeansAssign:
         x, norms, reason = checked_rows(batch.column(self.vector_column), self.centroids.shape[1])
         ok = np.equal(reason, None)
         cluster = np.full(n, -1, dtype=np.int32)
-        second = np.full(n, -1, dtype=np.int32)
+        second = np.full((n, self.extra), -1, dtype=np.int32)
         dist = np.zeros(n, dtype=np.float32)
         if len(x):
-            found = assign(x, self.centroids, device=self.device, dtype=self.dtype, norms=norms, margin=self.margin)
+            found = assign(x, self.centroids, device=self.device, dtype=self.dtype, norms=norms, margin=self.margin,
+                           extra=self.extra)
             cluster[ok], dist[ok] = found[0], found[1]
             if self.margin is not None:
-                second[ok] = found[2]
-        rows = np.r_[np.arange(n), np.flatnonzero(second >= 0)]
+                second[ok, : found[2].shape[1]] = found[2]
+        near_row, near_col = np.nonzero(second >= 0)
+        rows = np.r_[np.arange(n), near_row]
+        other = np.r_[cluster, second[near_row, near_col]].astype(np.int32)
         primary = np.arange(len(rows)) < n
         ids = batch.column(self.id_column).cast(pa.string())
         return pa.Table.from_arrays([
             batch.column("_rowaddr").cast(pa.uint64()).take(rows),
             batch.column("_rowid").cast(pa.uint64()).take(rows),
             ids.take(rows),
-            pa.array(np.where(primary, cluster[rows], second[rows]).astype(np.int32)),
+            pa.array(other),
             pa.array(dist[rows], mask=~ok[rows]),
             pa.array(reason[rows].tolist(), pa.string()),
             pa.array(primary),
