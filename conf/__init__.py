@@ -55,7 +55,7 @@ def stage_args(name: str, choice: str | None = None, **overrides: Any) -> dict[s
     `choice`), as a default run gives them; `overrides` replace any of them.
     Arguments the engine supplies get their plain-run value: no storage
     options, the nodes that feed the stage as configured."""
-    from udfs.registry import NODES, spec_for
+    from udfs.registry import NODES, prepare_node, spec_for
     from udfs.spec import ENGINE_KEYS
 
     data = node(name, choice)
@@ -69,6 +69,6 @@ def stage_args(name: str, choice: str | None = None, **overrides: Any) -> dict[s
         elif key == "name":
             args[key] = data["name"]
         elif key in NODES:
-            args[key] = node(key)
+            args[key] = prepare_node(key, node(key))
     args.update(overrides)
     return args

@@ -22,6 +22,7 @@ TASKS: dict[str, str] = {
     "curate": "engine.curate",
     "export": "engine.export",
     "dedup": "engine.dedup",
+    "filter": "engine.filter",
     "index": "engine.index",
     "search": "engine.search",
     "serve": "engine.serve",

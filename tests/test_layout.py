@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The plumbing every stage uses (column schemas, opening a URI): leaves that
 # import nothing else of the project.
 LEAF_PLUMBING = ("udfs.schema", "udfs.uris", "udfs.lance_rows")
-TASKS = ("curate", "compact", "dedup", "export", "index", "search", "serve")
+TASKS = ("curate", "compact", "dedup", "export", "filter", "index", "search", "serve")
 FORBIDDEN_IN_UDFS = ("hydra", "omegaconf", "ray")
 
 
@@ -51,7 +51,8 @@ def test_every_package_has_its_families():
     # The families, plus what every stage declares itself with (spec) and
     # where those declarations are collected (registry).
     assert {m for m in modules("udfs") if m.count(".") == 1} == {
-        "udfs.analysis", "udfs.dedup", "udfs.media", "udfs.models", "udfs.split", "udfs.registry", "udfs.spec",
+        "udfs.analysis", "udfs.dedup", "udfs.media", "udfs.models", "udfs.quality", "udfs.split", "udfs.registry",
+        "udfs.spec",
         "udfs.schema", "udfs.uris", "udfs.lance_rows"}
 
 

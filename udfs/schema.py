@@ -109,6 +109,24 @@ CLIP_MOTION_FIELDS: list[pa.Field] = [
 CLIP_AESTHETIC_FIELDS: list[pa.Field] = [
     pa.field("aesthetic_score", pa.float32()),
 ]
+# Quality signals (udfs/quality), one group per `quality.<block>`, computed
+# in the transcode pass; null where a clip was too short to sample.
+CLIP_QUALITY_FIELDS: dict[str, list[pa.Field]] = {
+    # Largest share of a sampled frame's area covered by detected text.
+    "text": [pa.field("text_area_ratio", pa.float32())],
+    # Black bars in source pixels, stable over the clip.
+    "borders": [pa.field(f"border_{side}", pa.int32()) for side in ("top", "bottom", "left", "right")],
+    # Variance of the luma Laplacian at a fixed analysis size.
+    "sharpness": [pa.field("sharpness", pa.float32())],
+    # Luma mean and standard deviation (0-1); shares of black and frozen sampled frames.
+    "exposure": [pa.field(name, pa.float32())
+                 for name in ("brightness", "contrast", "black_frame_ratio", "frozen_frame_ratio")],
+    # static | pan_left | pan_right | tilt_up | tilt_down | zoom_in | zoom_out | complex, and how
+    # well one global motion model explains the clip's motion vectors (0-1).
+    "camera": [pa.field("camera_motion", pa.string()), pa.field("camera_motion_score", pa.float32())],
+    # A hard cut inside the clip, and the largest frame-to-frame scene change (0-1).
+    "cuts": [pa.field("cut_inside", pa.bool_()), pa.field("max_scene_change", pa.float32())],
+}
 CLIP_FILTER_FIELDS: list[pa.Field] = [
     pa.field("passed", pa.bool_()),
     pa.field("filter_reason", pa.string()),

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from udfs.analysis.rules import FilterRule
 
 # Keys of a stage's config node that are the engine's, never a constructor argument.
 ENGINE_KEYS = frozenset({"name", "enabled", "resources"})
@@ -48,6 +51,9 @@ class StageSpec:
     # (key, value meaning off): an off stage is left out of the plan, and its
     # other settings do not matter to the output.
     switch: tuple[str, Any] | None = None
+    # For a node of several blocks that each turn on and off (`quality`):
+    # whether any part of it is on. Used where `switch` is None.
+    on: Callable[[Mapping[str, Any]], bool] | None = None
     # Keys of the node that never change the output (beyond COMMON_RUNTIME_KEYS).
     runtime_keys: frozenset[str] = frozenset()
     # The columns it adds when on, from its constructor arguments.
@@ -72,6 +78,13 @@ class StageSpec:
     # The clip decode that extracts frames for the stages that declare `frames`:
     # it runs (and its settings matter) only when one of them is on.
     serves_frames: bool = False
+    # The filters judging the columns it adds (`udfs.analysis.rules`), in the
+    # order their reasons are listed; `task=filter` re-applies them.
+    filters: tuple[FilterRule, ...] = ()
+    # "module:function" run on the driver with the node's settings before
+    # any video is decoded: it validates them and resolves what the node
+    # names (a model file), returning the settings the workers get.
+    prepare: str | None = None
 
     @property
     def key(self) -> str:
@@ -82,7 +95,7 @@ class StageSpec:
 
     def is_on(self, params: Mapping[str, Any]) -> bool:
         if self.switch is None:
-            return True
+            return self.on(params) if self.on is not None else True
         key, off = self.switch
         return params.get(key, off) != off
 

@@ -119,8 +119,8 @@ def stage_step(cfg: DictConfig, spec: StageSpec, **extra: Any) -> StageStep:
             params[key] = stage_storage_options(cfg)
         elif key == "name":
             params[key] = node["name"]
-        elif key in registry.NODES:  # a node that feeds this stage (motion, preview)
-            params[key] = node_dict(cfg, key)
+        elif key in registry.NODES:  # a node that feeds this stage (motion, preview, quality)
+            params[key] = registry.prepare_node(key, node_dict(cfg, key))
     params.update(extra)
     params = resolve_models(spec, params)
     return StageStep.from_node(spec.step or spec.node, spec.impl, {"resources": node.get("resources") or {}},

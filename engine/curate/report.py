@@ -11,6 +11,8 @@ from typing import Any
 
 import polars as pl
 
+from udfs.analysis.rules import reason_names
+
 
 @dataclass(frozen=True)
 class Cause:
@@ -77,8 +79,9 @@ def group_errors(errors: list[dict[str, Any]], *, examples: int = 3) -> list[dic
 
 
 def filter_reasons(reasons: pl.Series) -> dict[str, int]:
-    """How many clips each filter reason removed, most first."""
-    counts = Counter(r for r in reasons.drop_nulls().to_list() if r)
+    """How many clips each filter removed (a clip failing two counts for
+    both), most first."""
+    counts = Counter(name for r in reasons.drop_nulls().to_list() for name in reason_names(r))
     return dict(counts.most_common())
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -35,7 +36,7 @@ from engine.curate.ledger import drain_reports, report_uncut, reporting, start_l
 from engine.curate.plan import (StagePlan, admission, check_encoder, encoder_threads, plan_stages, table_metadata,
                                 transcode_batch)
 from engine.curate.progress import RunProgress
-from engine.curate.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, resume_mode
+from engine.curate.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, encode, resume_mode
 from engine.export import check_export_target, write_exports
 from engine.runtime.ray_session import cluster_resources, ensure_ray, largest_node_cpus
 from engine.runtime.stages import StageStep, apply_stage, check_gpus, node_dict
@@ -52,6 +53,19 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 
 
+def applied_filters(recorded: str | None, root: str, storage_options: dict[str, Any] | None) -> str | None:
+    """The recorded clip settings with the thresholds a later task=filter
+    applied in place of the curate run's: the clips' verdicts follow those."""
+    from engine.filter import read_applied
+
+    applied = read_applied(root, storage_options)
+    if recorded is None or not applied:
+        return recorded
+    settings = json.loads(recorded)
+    settings.update({k: v for k, v in applied.items() if k in settings})
+    return encode(settings)
+
+
 def open_output(store: OutputStore, cfg: DictConfig, run_id: str) -> tuple[set[str], dict[str, Any]]:
     """Create the output's tables, or continue them (`resume`); returns the
     videos already done and what happened, for the summary."""
@@ -65,7 +79,8 @@ def open_output(store: OutputStore, cfg: DictConfig, run_id: str) -> tuple[set[s
         raise FileExistsError(f"{root} already holds a reelsift output; pass overwrite=true to replace it "
                               "or resume=true to continue it")
     recorded = (existing.schema.metadata or {}).get(SETTINGS_KEY.encode())
-    check_resumable(root, recorded.decode() if recorded else None, clip_settings(cfg), force=force)
+    recorded = applied_filters(recorded.decode() if recorded else None, root, outputs.storage_options(cfg))
+    check_resumable(root, recorded, clip_settings(cfg), force=force)
     have, want = [f.name for f in existing.schema], store.clip_schema.names
     if have != want:
         raise ResumeError(f"{root}: the clip table has columns {sorted(set(have) - set(want)) or 'none'} this run "

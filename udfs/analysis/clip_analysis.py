@@ -16,6 +16,7 @@ the transient columns `frame_fields(name)`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import pyarrow as pa
 from udfs.schema import CLIP_FILTER_FIELDS, CLIP_MOTION_FIELDS, frame_fields
 from udfs.analysis.filtering import apply_filter, row_errors
 from udfs.media.frames import FrameShaper, FrameSpec, as_fraction, parse_consumers, plan_decode
-from udfs.analysis.motion import MotionScores, MotionSettings, low_motion_reason, motion_scores
+from udfs.analysis.motion import MotionScores, MotionSettings, motion_scores
+from udfs.analysis.rules import LOW_MOTION, judge
 from udfs.analysis.motion_decode import MV_ONLY_OPTIONS, collect_side_data_cycles
 from udfs.media.video import DEFAULT_DECODE_THREADS, frame_rate, pack_frames, video_stream
 
@@ -150,7 +152,6 @@ class ClipAnalysis:
         hints = batch.column("num_frames").to_pylist() if "num_frames" in batch.column_names else [None] * n
         gm: list[float | None] = [None] * n
         ppm: list[float | None] = [None] * n
-        reasons: list[str | None] = [None] * n
         frames = {s.name: ([None] * n, [None] * n, [None] * n) for s in self.specs}
         new_errors = list(errors)
         for i in range(n):
@@ -172,7 +173,6 @@ class ClipAnalysis:
                 continue
             if res.motion is not None:
                 gm[i], ppm[i] = res.motion.global_mean, res.motion.per_patch_min
-            reasons[i] = low_motion_reason(res.motion, self.motion, res.motion_sampled)
             for name, (stack, indices) in res.frames.items():
                 blobs, idx, hw = pack_frames(stack, indices)
                 cols = frames[name]
@@ -187,7 +187,8 @@ class ClipAnalysis:
         if self.motion.enabled:
             out = out.append_column(CLIP_MOTION_FIELDS[0], pa.array(gm, CLIP_MOTION_FIELDS[0].type))
             out = out.append_column(CLIP_MOTION_FIELDS[1], pa.array(ppm, CLIP_MOTION_FIELDS[1].type))
-            out = apply_filter(out, reasons)
+            settings = {"motion": dataclasses.asdict(self.motion)}
+            out = apply_filter(out, judge(out, [LOW_MOTION], settings))
         for spec in self.specs:
             for fld, values in zip(frame_fields(spec.name), frames[spec.name]):
                 out = out.append_column(fld, pa.array(values, fld.type))

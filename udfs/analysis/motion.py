@@ -188,21 +188,3 @@ def motion_scores(mv_frames: list[np.ndarray], height: int, width: int, patch: i
         pooled = patch_mean_pool(mean_map, patch)
         global_mean = float(mean_map.mean())
     return MotionScores(global_mean=global_mean, per_patch_min=float(pooled.min()), num_frames=len(mv_frames))
-
-
-def low_motion_reason(scores: MotionScores | None, settings: MotionSettings, sampled: int) -> str | None:
-    """Why a clip fails the motion filter, or None if it passes (or the
-    filter only scores)."""
-    if settings.mode != "enable":
-        return None
-    if scores is None:
-        return (
-            f"no motion data: none of the {sampled} frames sampled at {settings.fps:g} fps carries motion vectors "
-            "(intra-only or single-frame clip)"
-        )
-    parts = []
-    if scores.global_mean < settings.global_mean_threshold:
-        parts.append(f"global_mean={scores.global_mean:.6g}<{settings.global_mean_threshold:g}")
-    if scores.per_patch_min < settings.per_patch_min_threshold:
-        parts.append(f"per_patch_min={scores.per_patch_min:.6g}<{settings.per_patch_min_threshold:g}")
-    return "low motion: " + ", ".join(parts) if parts else None

@@ -58,11 +58,10 @@ def decode_motion_vectors(
     codec: str,
     extradata: bytes | None,
     wanted: set[int],
-) -> tuple[list[np.ndarray], int]:
+) -> dict[int, np.ndarray | None]:
     """Motion-vector arrays (PyAV `MOTION_VECTORS` side data) of the frames
-    whose display index is in `wanted`, in display order, and how many of
-    the wanted frames were decoded (frames without vectors, e.g. I-frames,
-    count as decoded but give no array).
+    whose display index is in `wanted`, by index: every wanted frame that was
+    decoded, None for one without vectors (an I-frame).
 
     `packets` are (data, pts, dts) in decode order, pts = display index."""
     ctx = av.CodecContext.create(codec, "r")
@@ -91,7 +90,7 @@ def decode_motion_vectors(
         take(ctx.decode(packet))
     ctx.skip_frame = "DEFAULT"
     take(ctx.decode(None))
-    return [found[i] for i in sorted(found) if found[i] is not None], len(found)
+    return found
 
 
 def motion_from_packets(
@@ -106,7 +105,8 @@ def motion_from_packets(
     settings: MotionSettings,
 ) -> tuple[MotionScores | None, int]:
     """The clip's motion scores from its encoded packets, and how many
-    sampled frames were decoded (for `low_motion_reason`)."""
+    sampled frames were decoded."""
     wanted = set(motion_sample_indices(num_frames, fps, settings))
-    mv_frames, sampled = decode_motion_vectors(packets, codec=codec, extradata=extradata, wanted=wanted)
-    return motion_scores(mv_frames, height, width, settings.patch_size), sampled
+    found = decode_motion_vectors(packets, codec=codec, extradata=extradata, wanted=wanted)
+    mv_frames = [found[i] for i in sorted(found) if found[i] is not None]
+    return motion_scores(mv_frames, height, width, settings.patch_size), len(found)

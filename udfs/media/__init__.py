@@ -8,9 +8,10 @@ STAGES = [
     StageSpec(node="probe", impl="udfs.media.probe:ProbeVideos", level="video", step="probe",
               columns=fields(VIDEO_PROBE_FIELDS), supplied=("storage_options",)),
     # Fans each video out to its clips (the base clip columns); motion scores
-    # and previews come from the same decode (the `motion` and `preview` nodes feed it).
+    # previews and quality signals come from the same decode (the `motion`,
+    # `preview` and `quality` nodes feed it).
     StageSpec(node="transcode", impl="udfs.media.transcode:ClipTranscoder", level="clip", step="transcode",
               runtime_keys=frozenset({"threads", "thread_type", "decode_threads", "video_workers"}),
-              supplied=("preview", "motion", "storage_options")),
+              supplied=("preview", "motion", "quality", "storage_options")),
     StageSpec(node="preview", impl=None, level="clip", switch=("enabled", False)),
 ]

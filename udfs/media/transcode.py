@@ -26,6 +26,7 @@ two cores and worse on small frames.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import queue
@@ -43,11 +44,14 @@ import pyarrow as pa
 from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
-from udfs.schema import CLIP_BASE_SCHEMA, CLIP_MOTION_FIELDS, clip_id_for, clip_schema, conform
+from udfs.schema import CLIP_MOTION_FIELDS, clip_id_for, clip_schema, conform
 from udfs.analysis.filtering import apply_filter
-from udfs.analysis.motion import MotionSettings, low_motion_reason
-from udfs.analysis.motion_decode import motion_from_packets
+from udfs.analysis.motion import MotionSettings, motion_scores
+from udfs.analysis.motion_decode import decode_motion_vectors, motion_sample_indices
+from udfs.analysis.rules import judge
 from udfs.media.encoders import choose_encoder
+from udfs.quality.clip_quality import QualitySampler, Reformatters
+from udfs.quality.settings import enabled_blocks, quality_columns
 from udfs.media.preview import encode_webp, preview_frame_offsets, preview_size
 from udfs.media.video import frame_rate, open_video
 
@@ -181,6 +185,7 @@ class _Clip:
     preview_offsets: set[int]
     preview_wh: tuple[int, int] | None
     keep_packets: bool
+    quality: QualitySampler | None = None
     first_pts: int = 0  # the chain encoder's pts of this clip's first frame
     frames: int = 0  # frames sent to the encoder
     audio_samples: int = 0
@@ -293,6 +298,7 @@ class ClipTranscoder:
         keep_audio: bool,
         preview: dict[str, Any] | None = None,
         motion: Mapping[str, Any] | MotionSettings | None = None,
+        quality: Mapping[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         # Once per worker: a GPU without NVENC (A100, H100) gets libx264 under `auto`.
@@ -322,15 +328,36 @@ class ClipTranscoder:
             known = {k: v for k, v in dict(motion).items() if k not in ("name", "resources")}
             settings = MotionSettings(**known)
             self.motion = settings if settings.enabled else None
-        self.schema = clip_schema(CLIP_MOTION_FIELDS) if self.motion else CLIP_BASE_SCHEMA
+        # `quality` arrives checked, its text model resolved (udfs.quality.settings.prepare).
+        self.quality = dict(quality) if quality and enabled_blocks(quality) else None
+        self.detector = None
+        if self.quality and "text" in enabled_blocks(self.quality):
+            from udfs.quality.text import TextDetector
+
+            text = self.quality["text"]
+            self.detector = TextDetector(model=text["model"], device=text["device"], threads=text["threads"],
+                                         pixel_threshold=text["pixel_threshold"],
+                                         box_threshold=text["box_threshold"], unclip_ratio=text["unclip_ratio"])
+        self.schema = clip_schema(self.output_fields())
+        # The settings the filters judge by (udfs.analysis.rules), and those
+        # filters: the quality and motion rules, in registry order.
+        from udfs import registry
+
+        self.settings = {"quality": self.quality or {}, "transcode": {},
+                         "motion": dataclasses.asdict(self.motion) if self.motion else {"mode": "disable"}}
+        self.rules = [*(registry.filters_of("quality") if self.quality else ()),
+                      *(registry.filters_of("motion") if self.motion else ())]
+        self._quality_reformat = Reformatters()
         self.storage_options = storage_options
         # swscale contexts kept across frames (a fresh one per frame costs more than
         # the conversion), one set per thread: videos of a batch may run at once.
         self._local = threading.local()
 
     def output_fields(self) -> list[pa.Field]:
-        """Columns beyond the base clip schema (the motion scores, when on)."""
-        return list(CLIP_MOTION_FIELDS) if self.motion else []
+        """Columns beyond the base clip schema: the quality signals and the
+        motion scores that are on (in registry order)."""
+        return [*(quality_columns(self.quality) if self.quality else []),
+                *(CLIP_MOTION_FIELDS if self.motion else [])]
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         videos = [row for row in batch.to_pylist()
@@ -379,9 +406,8 @@ class ClipTranscoder:
                     yield item
 
     def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
-        reasons = [row.pop("_motion_reason", None) for row in rows]
         table = conform(pa.Table.from_pylist(rows, schema=self.schema), self.schema)
-        return apply_filter(table, reasons) if self.motion else table
+        return apply_filter(table, judge(table, self.rules, self.settings)) if self.rules else table
 
     # -- one source video ---------------------------------------------------
 
@@ -419,23 +445,34 @@ class ClipTranscoder:
             num_bytes=len(mp4), has_audio=clip.astream is not None and clip.audio_samples > 0,
             preview_webp=webp,
         )
+        vectors = self._vectors(clip)
         if self.motion is not None:
-            row.update(self._motion(clip))
+            row.update(self._motion(clip, vectors))
+        if clip.quality is not None:
+            row.update(clip.quality.scores(vectors, self.detector))
         return row
 
-    def _motion(self, clip: _Clip) -> dict[str, Any]:
+    def _vectors(self, clip: _Clip) -> dict[int, np.ndarray] | None:
+        """The motion vectors of the frames the motion scores and the camera
+        fit sample, from one vectors-only decode of the clip's packets (None
+        when they cannot be decoded: the clip is fine, its scores are missing)."""
+        wanted = set(motion_sample_indices(clip.frames, clip.fps, self.motion)) if self.motion else set()
+        if clip.quality is not None:
+            wanted |= {i for i in clip.quality.vector_offsets if i < clip.frames}
+        if not wanted:
+            return None
         try:
-            scores, sampled = motion_from_packets(
-                clip.packets, codec="h264", extradata=clip.extradata, num_frames=clip.frames, fps=clip.fps,
-                height=clip.height, width=clip.width, settings=self.motion)
-        except (av.FFmpegError, ValueError) as exc:
-            # The clip itself is fine; only its scores are missing.
-            reason = f"motion: vectors not decodable: {type(exc).__name__}: {exc}"
-            return {"_motion_reason": reason if self.motion.mode == "enable" else None}
+            return decode_motion_vectors(clip.packets, codec="h264", extradata=clip.extradata, wanted=wanted)
+        except (av.FFmpegError, ValueError):
+            return None
+
+    def _motion(self, clip: _Clip, vectors: dict[int, np.ndarray] | None) -> dict[str, Any]:
+        grid = motion_sample_indices(clip.frames, clip.fps, self.motion)
+        frames = [vectors[i] for i in grid if vectors and vectors.get(i) is not None]
+        scores = motion_scores(frames, clip.height, clip.width, self.motion.patch_size)
         return {
             "motion_global_mean": None if scores is None else scores.global_mean,
             "motion_per_patch_min": None if scores is None else scores.per_patch_min,
-            "_motion_reason": low_motion_reason(scores, self.motion, sampled),
         }
 
     def _reformat(self, frame: av.VideoFrame, width: int, height: int, key: str) -> av.VideoFrame:
@@ -586,9 +623,11 @@ class ClipTranscoder:
             preview_wh = preview_size(width, height, self.preview_height) if self.preview_enabled else None
             offsets = (set(preview_frame_offsets(end - start, float(fps), self.preview_fps))
                        if self.preview_enabled else set())
+            quality = QualitySampler(self.quality, end - start, fps, height, width) if self.quality else None
             clip = _Clip(index=index, start_frame=start, end_frame=end, fps=fps, width=width, height=height,
                          encoder=chain.encoder, audio=audio, preview_offsets=offsets, preview_wh=preview_wh,
-                         keep_packets=self.motion is not None)
+                         keep_packets=self.motion is not None or bool(quality and quality.vector_offsets),
+                         quality=quality)
         except (av.FFmpegError, ValueError, OSError) as exc:
             return f"encoder open failed: {type(exc).__name__}: {exc}"
         chain.clips.append(clip)
@@ -603,6 +642,8 @@ class ClipTranscoder:
         if clip.preview_wh is not None and clip.frames in clip.preview_offsets:
             w, h = clip.preview_wh
             clip.preview_frames.append(self._reformat(frame, w, h, "preview"))
+        if clip.quality is not None and clip.quality.wants(clip.frames):
+            clip.quality.take(clip.frames, frame, self._quality_reformat)
         try:
             packets = chain.encoder.encode(frame, keyframe=clip.frames == 0)
             clip.frames += 1
