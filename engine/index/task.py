@@ -340,5 +340,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings = IndexSettings.from_config(cfg.get("index"))
     ds = layout.open_clips(lance_storage_options(storage_options))
     summary = build_indexes(ds, settings)
+    serve = cfg.get("serve")
+    if serve is not None and serve.get("map") is not None:
+        # The UI's map, projected while the vectors are being read anyway.
+        from engine.index import projection
+
+        summary["map"] = projection.for_index(layout.open_clips(lance_storage_options(storage_options)),
+                                              vector_column=settings.column, id_column=settings.id_column,
+                                              node=serve.map, storage_options=storage_options)
     summary["report"] = write_report(summary, layout, storage_options)
     return summary
