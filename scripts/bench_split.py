@@ -19,7 +19,11 @@ session warms Ray's worker processes on a small input and is reported as
 which is what a user times with `time`.
 
     python scripts/bench_split.py [--workloads long short] [--presets medium veryfast]
-                                  [--crf 23] [--cli] [--json results.json]
+                                  [--crf 23] [--cli] [--quality] [--repeat N] [--json results.json]
+
+`--quality` runs the default config with the quality signals off, with the
+cheap ones only (all but text) and with all of them (text included), and prints each one's
+wall and CPU time against the first.
 
 Time it alone on the machine (`flock -x /tmp/reelsift-cpu.lock ...` here).
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -42,10 +47,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # reelsift overrides per engine configuration.
+QUALITY_BLOCKS = ("text", "borders", "sharpness", "exposure", "camera", "cuts")
 CONFIGS = {
     "default": [],
     "bare": ["motion.mode=disable", "preview.enabled=false"],
+    # The default run as it was before the quality signals, and with the cheap ones only.
+    "no_quality": [f"quality.{b}.enabled=false" for b in QUALITY_BLOCKS],
+    "cheap_quality": [*(f"quality.{b}.enabled=true" for b in QUALITY_BLOCKS[1:]), "quality.text.enabled=false"],
+    "all_quality": [f"quality.{b}.enabled=true" for b in QUALITY_BLOCKS],
 }
+# --quality: what the quality signals cost, each config against no_quality.
+QUALITY_CONFIGS = ["no_quality", "cheap_quality", "all_quality"]
 WORKLOADS = ("long", "short")
 # Videos of the first (cold) run, which starts Ray's worker processes.
 WARM_VIDEOS = 8
@@ -62,7 +74,13 @@ def ffmpeg_binary() -> str:
 
 class PeakRSS:
     """Peak resident memory of this process and all its descendants, plus
-    extra process trees (Ray's workers are children of the raylet).
+    extra process trees (Ray's workers are children of the raylet), and the
+    CPU seconds they used while it ran (`cpu_s`).
+
+    CPU seconds are what the quality-cost ratios compare: on a machine
+    shared with other work, wall time moves with the neighbours' load and
+    CPU time much less. A process that ends between two reads loses its
+    last `interval` of CPU from the count.
 
     The monitor runs beside what it measures, so it is kept cheap: the
     process trees are walked (a scan of every /proc entry) once per `refresh`
@@ -77,6 +95,9 @@ class PeakRSS:
         self.refresh = refresh
         self.peak = 0
         self._procs: dict[int, psutil.Process] = {}
+        # pid -> (CPU seconds when first seen inside the window, last read)
+        self._cpu: dict[int, tuple[float, float]] = {}
+        self._before: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -93,12 +114,21 @@ class PeakRSS:
 
     def _total(self) -> int:
         total = 0
-        for proc in self._procs.values():
+        for pid, proc in self._procs.items():
             try:
                 total += proc.memory_info().rss
+                times = proc.cpu_times()
             except psutil.Error:
-                pass
+                continue
+            used = times.user + times.system
+            # A process that was there before the window counts from then; a new one from its start.
+            base = self._cpu[pid][0] if pid in self._cpu else (used if pid in self._before else 0.0)
+            self._cpu[pid] = (base, used)
         return total
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(last - base for base, last in self._cpu.values())
 
     def _run(self) -> None:
         walked = 0.0
@@ -110,12 +140,16 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
+        self._walk()
+        self._before = set(self._procs)
+        self._total()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._total()
 
 
 # ------------------------------------------------------------------ inputs
@@ -180,6 +214,7 @@ def run_ffmpeg(jobs: list[list[str]], out_dir: Path) -> dict[str, float]:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     peak = 0
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     for cmd in jobs:
         proc = subprocess.Popen(cmd)
@@ -188,8 +223,10 @@ def run_ffmpeg(jobs: list[list[str]], out_dir: Path) -> dict[str, float]:
                 raise subprocess.CalledProcessError(proc.returncode, cmd)
         peak = max(peak, mem.peak)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     clips = list(out_dir.glob("*.mp4"))
-    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "clips": len(clips),
+    return {"wall_s": wall, "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
+            "peak_rss_mb": peak / 2**20, "clips": len(clips),
             "clip_mb": sum(p.stat().st_size for p in clips) / 2**20}
 
 
@@ -223,7 +260,7 @@ def run_engine(overrides: list[str], raylet_pids: list[int]) -> dict[str, float]
         summary = run(cfg)
         wall = time.perf_counter() - t0
     stages = {name: round(s["busy_s"], 2) for name, s in summary["stages"].items()}
-    return {"wall_s": wall, "peak_rss_mb": mem.peak / 2**20, "clips": summary["clips"],
+    return {"wall_s": wall, "cpu_s": mem.cpu_s, "peak_rss_mb": mem.peak / 2**20, "clips": summary["clips"],
             "clips_failed": summary["clips_failed"], "clip_mb": summary["clip_bytes"] / 2**20,
             "pipeline_s": summary["wall_s"]["pipeline"], "stages": stages}
 
@@ -238,7 +275,7 @@ def run_engine_cli(overrides: list[str]) -> dict[str, float]:
         wall = time.perf_counter() - t0
     out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output=")))
     summary = json.loads((out / "summary.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": mem.peak / 2**20, "clips": summary["clips"],
+    return {"wall_s": wall, "cpu_s": mem.cpu_s, "peak_rss_mb": mem.peak / 2**20, "clips": summary["clips"],
             "clips_failed": summary["clips_failed"], "clip_mb": summary["clip_bytes"] / 2**20,
             "pipeline_s": summary["wall_s"]["pipeline"],
             "stages": {name: round(s["busy_s"], 2) for name, s in summary["stages"].items()}}
@@ -255,6 +292,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["medium", "veryfast"])
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["default", "bare"])
     parser.add_argument("--crf", type=int, default=23)
+    parser.add_argument("--quality", action="store_true",
+                        help=f"what the quality signals cost: configs {' '.join(QUALITY_CONFIGS)}, each against "
+                             "no_quality (the default run without them)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each reelsift config, interleaved; the fastest wall and CPU are kept")
     parser.add_argument("--short-count", type=int, default=60)
     parser.add_argument("--cli", action="store_true",
                         help="also time the default config as a whole `python -m engine` command")
@@ -263,6 +305,8 @@ def main() -> None:
     parser.add_argument("--work", default=str(REPO / "bench_out" / "split"))
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.quality:
+        args.configs = QUALITY_CONFIGS
 
     work = Path(args.work)
     inputs = {"long": long_input(work) if "long" in args.workloads else [],
@@ -298,15 +342,22 @@ def main() -> None:
             assert ff["clips"] == expected_clips[name], (ff, expected_clips[name])
             runs.append({"workload": name, "preset": preset, "run": "ffmpeg", **ff, "ratio": 1.0})
             print(f"{name:6s} {preset:9s} ffmpeg           {ff['wall_s']:7.1f} s", flush=True)
+            fastest: dict[str, dict] = {}
+            for _ in range(args.repeat):  # interleaved, so a burst of load hits every config alike
+                for config in args.configs:
+                    overrides = engine_overrides(inputs[name], work / f"out_{name}", preset, args.crf,
+                                                 [*CONFIGS[config], *args.override])
+                    res = run_engine(overrides, raylet_pids)
+                    assert res["clips"] == expected_clips[name] and not res["clips_failed"], res
+                    print(f"{name:6s} {preset:9s} reelsift {config:14s}{res['wall_s']:7.1f} s  "
+                          f"cpu {res['cpu_s']:6.1f} s  stages {res['stages']}", flush=True)
+                    best = fastest.setdefault(config, res)
+                    best["wall_s"], best["cpu_s"] = min(best["wall_s"], res["wall_s"]), min(best["cpu_s"], res["cpu_s"])
             for config in args.configs:
-                overrides = engine_overrides(inputs[name], work / f"out_{name}", preset, args.crf,
-                                             [*CONFIGS[config], *args.override])
-                res = run_engine(overrides, raylet_pids)
-                assert res["clips"] == expected_clips[name] and not res["clips_failed"], res
+                res = fastest[config]
                 res["ratio"] = res["wall_s"] / ff["wall_s"]
-                runs.append({"workload": name, "preset": preset, "run": f"reelsift {config}", **res})
-                print(f"{name:6s} {preset:9s} reelsift {config:8s}{res['wall_s']:7.1f} s  {res['ratio']:.2f}x  "
-                      f"stages {res['stages']}", flush=True)
+                runs.append({"workload": name, "preset": preset, "run": f"reelsift {config}", "config": config,
+                             **res})
             if args.cli and preset == args.presets[0]:
                 overrides = engine_overrides(inputs[name], work / f"out_cli_{name}", preset, args.crf, args.override)
                 res = run_engine_cli(overrides)
@@ -322,13 +373,27 @@ def main() -> None:
         print(f"\noverrides for every reelsift run: {' '.join(args.override)}")
     print(f"\nRay start-up (not in the runs below): {results['ray_start_s']:.1f} s; first (cold) engine run on {WARM_VIDEOS} "
           f"short videos: {cold['wall_s']:.1f} s; {os.cpu_count()} cores; libx264 crf={args.crf}")
-    print("| workload | preset | run | wall s | ratio to FFmpeg | output MB | peak RSS MB | stage busy s |")
-    print("|---|---|---|---:|---:|---:|---:|---|")
+    print("| workload | preset | run | wall s | ratio to FFmpeg | CPU s | output MB | peak RSS MB | stage busy s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in runs:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r.get("stages", {}).items())
         print(f"| {r['workload']} | {r['preset']} | {r['run']} | {r['wall_s']:.1f} | {r['ratio']:.2f} | "
-              f"{r['clip_mb']:.1f} | {r['peak_rss_mb']:.0f} | {stages} |")
+              f"{r.get('cpu_s', float('nan')):.1f} | {r['clip_mb']:.1f} | {r['peak_rss_mb']:.0f} | {stages} |")
     print("peak RSS for reelsift covers the driver and every Ray process (raylet, GCS, workers).")
+    if args.quality:
+        print(f"\nWhat the quality signals cost, against the default run without them (fastest of {args.repeat}; "
+              "CPU: driver and every Ray process):")
+        print("| workload | preset | signals | wall s | wall ratio | CPU s | CPU ratio |")
+        print("|---|---|---|---:|---:|---:|---:|")
+        for r in runs:
+            if r.get("config") not in QUALITY_CONFIGS:
+                continue
+            base = next(b for b in runs if b.get("config") == "no_quality" and b["workload"] == r["workload"]
+                        and b["preset"] == r["preset"])
+            r["quality_wall_ratio"], r["quality_cpu_ratio"] = r["wall_s"] / base["wall_s"], r["cpu_s"] / base["cpu_s"]
+            label = {"no_quality": "none", "cheap_quality": "cheap (all but text)", "all_quality": "all"}
+            print(f"| {r['workload']} | {r['preset']} | {label[r['config']]} | {r['wall_s']:.1f} | "
+                  f"{r['quality_wall_ratio']:.3f} | {r['cpu_s']:.1f} | {r['quality_cpu_ratio']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -122,7 +122,9 @@ def test_webdataset_shards_round_trip_and_parts_continue(training_output, tmp_pa
         assert barcodes(s["mp4"]) == list(range(row["start_frame"], row["end_frame"]))
         meta = s["json"]
         for key in ("clip_id", "source_uri", "start_s", "end_s", "width", "height", "fps", "num_frames", "caption",
-                    "caption_enhanced", "caption_windows", "passed", "duplicate"):
+                    "caption_enhanced", "caption_windows", "passed", "duplicate",
+                    # The quality signals, as every score column, travel in the metadata.
+                    "text_area_ratio", "border_top", "sharpness", "brightness", "camera_motion", "cut_inside"):
             assert meta[key] == row[key], key
         assert "embedding" not in meta
         np.testing.assert_array_equal(s["npy"], np.asarray(row["embedding"], dtype=np.float32))

@@ -173,3 +173,17 @@ def test_task_filter_rewrites_only_the_verdicts_as_a_fresh_run_would(ray_session
     settled = lance.dataset(str(tmp_path / "a" / "clips.lance")).version
     again = refilter(config("task=filter", f"output={tmp_path / 'a'}", *THRESHOLDS))
     assert again["clips_changed"] == 0 and lance.dataset(str(tmp_path / "a" / "clips.lance")).version == settled
+
+
+def test_task_filter_refuses_a_threshold_on_a_signal_the_table_lacks():
+    from engine.filter.task import check_columns, filter_settings
+
+    names = ["clip_id", "error", "passed", "filter_reason", "motion_global_mean", "motion_per_patch_min"]
+    # Nothing set beyond the defaults: the motion filter is gated off, nothing else has a threshold.
+    check_columns(names, filter_settings(config()), "out")
+    with pytest.raises(ValueError, match="quality.text.max_area is set.*no text_area_ratio column"):
+        check_columns(names, filter_settings(config("quality.text.max_area=0.01")), "out")
+    with pytest.raises(ValueError, match="quality.camera.reject"):
+        check_columns(names, filter_settings(config("quality.camera.reject=[complex]")), "out")
+    # A gated filter whose gate is shut needs no columns.
+    check_columns(["clip_id"], filter_settings(config("motion.mode=score-only")), "out")

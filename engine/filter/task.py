@@ -49,6 +49,25 @@ def applied_keys(settings: dict[str, dict[str, Any]], rules: tuple[FilterRule, .
     return {key: setting(settings, key) for rule in rules for key in rule.keys}
 
 
+def active_keys(rule: FilterRule, settings: dict[str, dict[str, Any]]) -> list[str]:
+    """The threshold keys of `rule` that are set (none while its gate is shut)."""
+    if rule.gate is not None and setting(settings, rule.gate[0]) != rule.gate[1]:
+        return []
+    return [k for k in (*(b.key for b in rule.bounds), *rule.extra_keys) if setting(settings, k) not in (None, [], ())]
+
+
+def check_columns(names: list[str], settings: dict[str, dict[str, Any]], root: str) -> None:
+    """A threshold set on a filter whose score columns the table lacks (its
+    signal was off when the table was made) is an error, not a silent pass."""
+    for rule in registry.FILTERS:
+        missing = [c for c in rule.columns if c not in names]
+        keys = active_keys(rule, settings)
+        if missing and keys:
+            raise ValueError(f"task=filter: {', '.join(keys)} is set, but the clip table at {root} has no "
+                             f"{', '.join(missing)} column (that signal was off when it was made); unset it, or "
+                             "make the table again with the signal on")
+
+
 def verdicts(table: pa.Table, settings: dict[str, dict[str, Any]]) -> tuple[list[bool | None], list[str | None]]:
     """(passed, filter_reason) of every row of `table` at `settings`: null
     for a row with an error (never judged), else whether every filter passed."""
@@ -97,6 +116,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     options = lance_storage_options(config_options)
     clips = layout.open_clips(options)
     settings = filter_settings(cfg)
+    check_columns(clips.schema.names, settings, layout.root)
     rules = [r for r in registry.FILTERS if all(c in clips.schema.names for c in r.columns)]
     columns = sorted({c for r in rules for c in r.columns} | {"error", "passed", "filter_reason"})
     table = clips.to_table(columns=[c for c in columns if c in clips.schema.names], with_row_id=True,
