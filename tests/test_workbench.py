@@ -419,3 +419,174 @@ def test_tables_without_embeddings_say_why_there_is_no_map(embedded_output, tmp_
         assert status == 400 and "no embedding column" in body["error"]
         status, body = request(f"{url}/map")
         assert status == 400 and "no embedding column" in body["text"]
+
+
+# ------------------------------------------------------------ real browser
+@pytest.fixture(scope="module")
+def deduped(embedded_output, tmp_path_factory):
+    """The curate run, deduped (task=dedup, the defaults) and indexed (which
+    projects the map), served from a background thread."""
+    from engine.dedup.task import run as run_dedup
+    from engine.index.task import run as run_index
+
+    out = tmp_path_factory.mktemp("deduped") / "out"
+    shutil.copytree(embedded_output, out)
+    run_dedup(config("task=dedup", f"output={out}"))
+    summary = run_index(config("task=index", f"output={out}"))
+    assert summary["map"]["status"] == "computed" and summary["map"]["rows"] == 6
+    pristine = tmp_path_factory.mktemp("pristine") / "out"
+    shutil.copytree(out, pristine)  # for the tasks the page's copied commands are checked against
+    app = make_app(str(out), page_size=24)
+    with BackgroundServer(app) as url:
+        yield out, pristine, url
+
+
+def shots_dir(tmp_path: Path) -> Path:
+    """Where the screenshots go: $REELSIFT_UI_SCREENSHOTS if set, else the test's tmp folder."""
+    import os
+
+    shots = Path(os.environ.get("REELSIFT_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
+def browser_module():
+    """tests/test_ui.py, whose Chromium set-up this test shares (the test
+    folder is not a package: loaded by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reelsift_test_ui", Path(__file__).with_name("test_ui.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def label_rows(out: Path) -> int:
+    return lance.dataset(out / "labels.lance").count_rows() if (out / "labels.lance").exists() else 0
+
+
+@pytest.mark.slow
+def test_the_workbench_in_a_real_browser(deduped, tmp_path):
+    """Headless Chromium: the map, the eps slider against task=dedup, a
+    threshold against task=filter, rejecting from the keyboard against
+    ClipDataset and task=export, and a POST without the token."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from engine.dedup.task import run as run_dedup
+    from engine.export.task import run as run_export
+    from engine.filter.task import run as run_filter
+    from engine.training import ClipDataset
+
+    out, pristine, url = deduped
+    shots = shots_dir(tmp_path)
+    driver = browser_module().chromium_driver(tmp_path)
+    wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
+    ready = lambda d: d.execute_script("return document.body.dataset.ready") == "true"  # noqa: E731
+    try:
+        # -- The map: one point per clip with an embedding; a box selection opens exactly those clips.
+        driver.get(url + "/map")
+        wait.until(ready)
+        table = lance.dataset(out / "clips.lance").to_table(columns=["clip_id", "embedding"])
+        with_vectors = sum(v is not None for v in table.column("embedding").to_pylist())
+        assert int(driver.find_element(By.ID, "map").get_attribute("data-points")) == with_vectors == 6
+        painted = driver.execute_script(
+            "const c = document.getElementById('map'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;")
+        assert painted > 6 * 10  # every point is a disc of several pixels
+        Select(driver.find_element(By.ID, "color")).select_by_value("video_id")
+        wait.until(lambda d: d.execute_script("return window.reelsiftMap.data().color") == "video_id")
+        driver.save_screenshot(str(shots / "map.png"))
+        points = driver.execute_script("const d = window.reelsiftMap.data(); return [d.ids, d.x, d.y];")
+        Select(driver.find_element(By.ID, "tool")).select_by_value("box")
+        canvas = driver.find_element(By.ID, "map")
+        w, h = canvas.size["width"], canvas.size["height"]
+        # The left half of the map, corner to corner (offsets from the canvas' centre).
+        ActionChains(driver).move_to_element_with_offset(canvas, -w // 2 + 4, -h // 2 + 4).click_and_hold() \
+            .move_to_element_with_offset(canvas, 0, 0).move_to_element_with_offset(canvas, 0, h // 2 - 4) \
+            .release().perform()
+        wait.until(lambda d: "poly=" in d.current_url)
+        wait.until(lambda d: d.find_elements(By.ID, "selection"))
+        from urllib.parse import parse_qs, urlparse
+
+        poly = [float(v) for v in parse_qs(urlparse(driver.current_url).query)["poly"][0].split(",")]
+        xs, ys = poly[0::2], poly[1::2]
+        expected = {i for i, x, y in zip(*points) if min(xs) <= x <= max(xs) and min(ys) <= y <= max(ys)}
+        shown = {c.get_attribute("data-clip-id") for c in driver.find_elements(By.CSS_SELECTOR, "#gallery .card")}
+        assert shown == expected and 0 < len(expected) < 6, (shown, expected)
+        assert driver.find_element(By.ID, "selection").text.startswith(f"{len(expected)} clips selected")
+        driver.save_screenshot(str(shots / "map_selection.png"))
+
+        # -- The eps slider: the removed count is what task=dedup marks at that eps.
+        driver.get(url + "/duplicates")
+        wait.until(ready)
+        sims = sorted(s for s in lance.dataset(out / "clips.lance").to_table(columns=["dedup_max_sim"])
+                      .column("dedup_max_sim").to_pylist() if s is not None)
+        assert sims, "the six clips have no dedup partner at all"
+        slider = driver.find_element(By.ID, "eps")
+        high, step = float(slider.get_attribute("max")), float(slider.get_attribute("step"))
+        # Just past the most similar pair (the slider snaps to its step): at least one clip goes.
+        target = min(high, 1.0 - sims[-1] + 2 * step)
+        eps = float(driver.execute_script(
+            "const r = document.getElementById('eps'); r.value = arguments[0]; r.dispatchEvent(new Event('input'));"
+            "return r.value;", str(target)))
+        wait.until(lambda d: f"dedup.eps={eps:g}" in d.find_element(By.ID, "command").text)
+        wait.until(lambda d: d.find_element(By.ID, "eps-value").text == f"= {d.find_element(By.ID, 'eps-box').get_attribute('value')}")
+        removed = int(driver.find_element(By.ID, "removed").text)
+        driver.save_screenshot(str(shots / "duplicates.png"))
+        run_dedup(config("task=dedup", f"output={pristine}", f"dedup.eps={eps}"))
+        marked = lance.dataset(pristine / "clips.lance").to_table(columns=["duplicate"]).column("duplicate").to_pylist()
+        assert removed == sum(bool(m) for m in marked) > 0, (removed, marked, eps)
+
+        # -- A threshold slider: the kept count is what task=filter keeps at that threshold.
+        driver.get(url + "/thresholds")
+        wait.until(ready)
+        key = "quality.sharpness.min"
+        sharp = sorted(lance.dataset(out / "clips.lance").to_table(columns=["sharpness"]).column("sharpness").to_pylist())
+        # Between the third and the fourth clip (the slider snaps to its step; read back where it went).
+        value = float(driver.execute_script(
+            "const s = document.querySelector(`.slider[data-key='${arguments[0]}']`), r = s.querySelector('input[type=range]');"
+            "r.value = arguments[1]; r.dispatchEvent(new Event('input')); return r.value;",
+            key, str((sharp[2] + sharp[3]) / 2)))
+        wait.until(lambda d: f"{key}={value!r}" in d.find_element(By.ID, "command").text)
+        kept = int(driver.find_element(By.ID, "kept").text)
+        assert kept == sum(v >= value for v in sharp) == 3
+        driver.save_screenshot(str(shots / "thresholds.png"))
+        result = run_filter(config("task=filter", f"output={pristine}", f"{key}={value}"))
+        assert result["clips_passed"] == kept
+
+        # -- Rejecting from the keyboard: j moves to the first card, r rejects it.
+        curated = ClipDataset(str(out), num_frames=2).num_clips
+        driver.get(url + "/?status=all")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))
+        body = driver.find_element(By.TAG_NAME, "body")
+        body.send_keys("j")
+        first = driver.find_element(By.CSS_SELECTOR, "#gallery .card.focused")
+        victim = first.get_attribute("data-clip-id")
+        body.send_keys("r")
+        wait.until(lambda d: "reject: 1 clip" in d.find_element(By.ID, "label-status").text)
+        assert "labelled-reject" in first.get_attribute("class")
+        driver.save_screenshot(str(shots / "rejected.png"))
+        assert ClipDataset(str(out), num_frames=2).num_clips == curated - 1
+        run_export(config("task=export", f"output={out}", "export.format=parquet", f"export.dir={tmp_path / 'ex'}"))
+        import pyarrow.parquet as pq
+
+        exported = pa.concat_tables([pq.read_table(p, columns=["clip_id"]) for p in (tmp_path / "ex").rglob("*.parquet")])
+        assert victim not in exported.column("clip_id").to_pylist() and exported.num_rows == curated - 1
+
+        # -- A POST without the token, from the page itself: 403, nothing written.
+        rows = label_rows(out)
+        status = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch('/api/labels', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+            " body: JSON.stringify({clip_ids: [arguments[0]], label: 'accept'})}).then(r => done(r.status));", victim)
+        assert status == 403 and label_rows(out) == rows == 1
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/labels" not in e["message"]]
+        assert not errors, errors
+    finally:
+        driver.quit()
+    names = ("map.png", "map_selection.png", "duplicates.png", "thresholds.png", "rejected.png")
+    assert all((shots / n).stat().st_size > 1000 for n in names)
+    print(f"screenshots: {shots}")
