@@ -18,9 +18,6 @@ def _bar_fraction(row: Mapping[str, Any], settings: Settings) -> str | None:
         return None
     bars = Bars(*(int(row[c]) for c in _BORDERS))
     height, width = int(row["height"]), int(row["width"])
-    if setting(settings, "transcode.crop_borders"):
-        # The clip holds only the picture: the source frame was the picture plus its bars.
-        height, width = height + bars.top + bars.bottom, width + bars.left + bars.right
     fraction = bars.fraction(height, width)
     return f"bars cover {fraction:.3g}>{float(limit):g} of the frame" if fraction > float(limit) else None
 
