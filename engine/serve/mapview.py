@@ -4,6 +4,7 @@ draws either; a million points never cross the wire)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,15 @@ class MapView:
             codes = pc.fill_null(idx, len(top)).to_numpy().astype(np.int64)
             codes[pc.is_null(text).to_numpy(zero_copy_only=False)] = -1
             categories = top + (["other"] if len(counts) > len(top) else [])
-            return "category", codes, {"categories": categories}
+            legend: dict[str, Any] = {"categories": categories}
+            if column == "video_id" and self.cols.has("source_uri"):
+                # A video id is a hash: the legend names each by its source file.
+                sources = self.cols.column("source_uri")
+                firsts = [int(np.argmax(codes == k)) for k in range(len(top))]
+                legend["names"] = [os.path.basename(str(u or v)) for u, v in
+                                   zip(pc.take(sources, pa.array(firsts, pa.int64())).to_pylist(), top)]
+                legend["names"] += categories[len(top):]
+            return "category", codes, legend
         values = self.cols.numeric(column)
         finite = values[np.isfinite(values)]
         legend = {"min": float(finite.min()), "max": float(finite.max())} if len(finite) else {"min": 0, "max": 1}
