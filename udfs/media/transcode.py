@@ -50,6 +50,7 @@ from udfs.analysis.motion import MotionSettings, motion_scores
 from udfs.analysis.motion_decode import decode_motion_vectors, motion_sample_indices
 from udfs.analysis.rules import judge
 from udfs.media.encoders import choose_encoder
+from udfs.media.nvdec import choose_decoder, video_decoder
 from udfs.quality.clip_quality import QualitySampler, Reformatters
 from udfs.quality.settings import enabled_blocks, quality_columns
 from udfs.media.preview import encode_webp, preview_frame_offsets, preview_size
@@ -294,6 +295,7 @@ class ClipTranscoder:
         threads: int,
         thread_type: str,
         decode_threads: int,
+        decode: str,
         video_workers: int,
         keep_audio: bool,
         preview: dict[str, Any] | None = None,
@@ -306,6 +308,8 @@ class ClipTranscoder:
         self.encoder = self.encoder_choice.encoder
         if self.encoder_choice.requested == "auto" and self.encoder == "libx264":
             log.info("transcode: %s", self.encoder_choice.why)
+        # decode=nvdec without PyNvVideoCodec or a GPU fails here, before any video is opened.
+        self.decoder_choice = choose_decoder(decode)
         if self.encoder not in av.codecs_available:
             raise RuntimeError(f"encoder {self.encoder} is not available in this FFmpeg build")
         if thread_type not in THREAD_TYPES:
@@ -514,6 +518,7 @@ class ClipTranscoder:
                 vstream = container.streams.video[0]
                 vstream.thread_type = "AUTO"
                 vstream.thread_count = self.decode_threads
+                decode_video = video_decoder(self.decoder_choice, video["uri"], vstream)  # NVDEC or PyAV
                 fps = frame_rate(vstream)
                 astream = container.streams.audio[0] if (self.keep_audio and container.streams.audio) else None
                 video_t0 = float(vstream.start_time * vstream.time_base) if vstream.start_time is not None else 0.0
@@ -528,7 +533,7 @@ class ClipTranscoder:
                 width = height = None
                 for packet in container.demux(streams):
                     try:
-                        frames = packet.decode()
+                        frames = decode_video(packet) if packet.stream is vstream else packet.decode()
                     except av.FFmpegError:
                         if packet.stream is vstream:
                             raise
