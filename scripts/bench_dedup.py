@@ -1,23 +1,26 @@
-"""Semantic dedup at scale: task=dedup against the same algorithm by hand.
+"""Semantic dedup at scale: task=dedup in both modes against SemDeDup by hand.
 
 A Lance table of N x D float32 embeddings with planted near-duplicate groups
 (scripts/planted_embeddings.py: clustered "topics", ~10% of rows in groups of
-2-4 whose pairs have cosine ~0.997) is deduped twice, each in its own process
-so their memory is measured apart:
+2-4 whose pairs have cosine ~0.997) is deduped three times in one run, each
+in its own process so their memory is measured apart:
 
-- reelsift: `python -m engine task=dedup dedup.table=... output=...` (Ray
-  starts inside it; its wall time and the peak memory of its whole process
-  tree, Ray's workers and object store included);
+- reelsift `dedup.mode=components` (the default) and `dedup.mode=semdedup`:
+  `python -m engine task=dedup dedup.table=... output=...` (Ray starts
+  inside it; its wall time and the peak memory of its whole process tree,
+  Ray's workers and object store included);
 - by hand: one Python process, no Ray: read the vectors, normalise, faiss
   k-means on the same sample size for the same number of iterations, assign
   every row with faiss, then per cluster sort by NeMo's `hard` rule and take
-  the upper triangle's column max with numpy.
+  the upper triangle's column max with numpy (SemDeDup, what
+  `dedup.mode=semdedup` computes).
 
-Both are scored against the planted truth: pair recall (planted pairs not
-both kept) and precision (removed rows that have a planted twin). Prints a
-table; `--json` keeps the figures.
+Each is scored against the planted truth: the share of planted groups left
+with exactly one member, pair recall (planted pairs not both kept) and
+precision (removed rows that have a planted twin). Prints a table; `--json`
+keeps the figures.
 
-    python scripts/bench_dedup.py [--rows 1000000] [--dim 768] [--json bench_out/dedup.json]
+    python scripts/bench_dedup.py [--rows 1000000] [--dim 768] [--modes components semdedup] [--json F]
     python scripts/bench_dedup.py --backends [--rows 224000]   # torch vs faiss k-means fit, same data
 """
 
@@ -149,7 +152,8 @@ def run_task(table: Path, out: Path, overrides: list[str]) -> dict:
     return {"wall_s": wall, "peak_rss_gb": mem.rss / 1e9, "peak_pss_gb": mem.pss / 1e9,
             "phases_s": summary["wall_s"], "n_clusters": summary["run"]["n_clusters"],
             "fit_rows": summary["run"]["fit_rows"], "kmeans": summary["run"]["kmeans"],
-            "cluster_sizes": summary["run"]["cluster_sizes"],
+            "cluster_sizes": summary["run"]["cluster_sizes"], "mode": summary["mode"],
+            "boundary_members": summary["run"].get("boundary_members"), "edges": summary["run"].get("edges"),
             **score(t.column("planted_group").to_numpy(), duplicate)}
 
 
@@ -242,6 +246,7 @@ def main() -> None:
     ap.add_argument("--topics", type=int, default=5000)
     ap.add_argument("--work", type=Path, default=REPO / "bench_out" / "dedup")
     ap.add_argument("--eps", type=float, default=0.01)
+    ap.add_argument("--modes", nargs="+", default=["components", "semdedup"], choices=["components", "semdedup"])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--backends", action="store_true", help="compare the k-means backends instead")
     ap.add_argument("--backend-rows", type=int, default=224_000)
@@ -255,13 +260,22 @@ def main() -> None:
     if args.backends:
         result = {"backends": bench_backends(table, args.backend_rows, args.backend_k, args.backend_iters)}
     else:
-        # The table is a Lance dataset; runs add dedup columns, so each run starts from version 1.
+        runs: dict[str, dict] = {}
+        for mode in args.modes:
+            # Runs add dedup columns, so each one starts from the generated version.
+            _reset(table)
+            runs[mode] = run_task(table, args.work / f"out_{mode}",
+                                  [f"dedup.eps={args.eps}", f"dedup.mode={mode}", *args.overrides])
+            print(f"{mode}: {runs[mode]['wall_s']:.1f} s", flush=True)
         _reset(table)
-        task = run_task(table, args.work / "out", [f"dedup.eps={args.eps}", *args.overrides])
-        hand = run_by_hand(table, task, args.eps, 42, args.work)
+        any_run = runs.get("semdedup") or next(iter(runs.values()))
+        hand = run_by_hand(table, any_run, args.eps, 42, args.work)
         result = {"machine": {"cpus": os.cpu_count(), "ram_gb": psutil.virtual_memory().total / 1e9},
-                  "rows": args.rows, "dim": args.dim, "eps": args.eps, "reelsift": task, "by_hand": hand,
-                  "overhead": task["wall_s"] / hand["wall_s"]}
+                  "rows": args.rows, "dim": args.dim, "eps": args.eps, "overrides": args.overrides,
+                  "reelsift": runs, "by_hand": hand,
+                  "overhead": {mode: r["wall_s"] / hand["wall_s"] for mode, r in runs.items()}}
+        if {"components", "semdedup"} <= set(runs):
+            result["boundary_cost"] = runs["components"]["wall_s"] / runs["semdedup"]["wall_s"]
         print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -276,21 +290,31 @@ def _reset(table: Path) -> None:
 
     ds = lance.dataset(str(table))
     if "duplicate" in ds.schema.names:
-        ds.checkout_version(1).restore()
+        # The oldest version left: the generated one, or a restored copy of it.
+        ds.checkout_version(ds.versions()[0]["version"]).restore()
         lance.dataset(str(table)).cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
 
 
 def print_table(r: dict) -> None:
-    t, h = r["reelsift"], r["by_hand"]
-    print(f"\n{r['rows']:,} x {r['dim']} float32, eps={r['eps']}, {t['n_clusters']} clusters, "
+    runs, h = r["reelsift"], r["by_hand"]
+    first = next(iter(runs.values()))
+    print(f"\n{r['rows']:,} x {r['dim']} float32, eps={r['eps']}, {first['n_clusters']} clusters, "
           f"{r['machine']['cpus']} CPUs")
-    print("| | wall s | peak RSS GB (summed) | peak PSS GB | recall | precision | removed / expected |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, x in (("reelsift task=dedup", t), ("by hand (faiss + numpy)", h)):
+    print("| | wall s | peak RSS GB (summed) | peak PSS GB | groups keeping exactly one | pair recall | precision "
+          "| removed / planted extras |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = [(f"reelsift task=dedup mode={mode}", x) for mode, x in runs.items()]
+    for name, x in (*rows, ("by hand (faiss + numpy SemDeDup)", h)):
         print(f"| {name} | {x['wall_s']:.1f} | {x['peak_rss_gb']:.2f} | {x['peak_pss_gb']:.2f} | "
-              f"{x['recall']:.4f} | {x['precision']:.4f} | {x['removed']:,} / {x['expected_removed']:,} |")
-    print(f"\noverhead (task / by hand): {r['overhead']:.2f}x")
-    print("task phases (s):", {k: round(v, 1) for k, v in t["phases_s"].items()})
+              f"{x['groups_keeping_one']:.4f} | {x['recall']:.4f} | {x['precision']:.4f} | "
+              f"{x['removed']:,} / {x['expected_removed']:,} |")
+    print("\noverhead (task / by hand): " + ", ".join(f"{m} {v:.2f}x" for m, v in r["overhead"].items()))
+    if "boundary_cost" in r:
+        print(f"boundary pass (components / semdedup): {r['boundary_cost']:.2f}x")
+    for mode, x in runs.items():
+        print(f"task phases, {mode} (s):", {k: round(v, 1) for k, v in x["phases_s"].items()})
+        if x.get("boundary_members") is not None:
+            print(f"  boundary members {x['boundary_members']:,}, edges {x['edges']}")
     print("by-hand phases (s):", {k: round(v, 1) for k, v in h["phases_s"].items()})
 
 

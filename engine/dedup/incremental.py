@@ -109,7 +109,7 @@ def run_incremental(cfg: DictConfig, source: DedupSource, files: DedupFiles, pre
                 stages=out.stage_times)
     info["incremental"] = {"previous_version": (previous.get("deduped") or {}).get("version"),
                            "new_fragments": sorted(grown.fragments), "new_rows": out.assigned,
-                           "earlier_rows_compared": int(out.phase_s.get("old_members", 0))}
+                           "earlier_rows_compared": out.old_rows}
     return Step(results=results, edges=edges, boundary=boundary, info=info, timings=timings,
                 fragments=set(grown.fragments))
 

@@ -33,6 +33,7 @@ class PassOutput:
     boundary: pa.Table  # BOUNDARY_SCHEMA: the boundary memberships of the rows assigned
     assigned: int  # rows assigned (primary memberships)
     skipped: dict[str, int]
+    old_rows: int  # memberships of earlier rows that joined the pairwise pass (incremental)
     stage_times: dict[str, Any]
     phase_s: dict[str, float]
 
@@ -80,7 +81,6 @@ def assign_and_compare(cfg: DictConfig, source: DedupSource, centroids, dim: int
         old = old_members(touched) if old_members is not None else None
         if old is not None and old.num_rows:
             clustered = clustered.union(ray.data.from_arrow(old.cast(DEDUP_ASSIGN_SCHEMA)))
-        phase_s["old_members"] = 0 if old is None else old.num_rows
         # Sort-based shuffle by default: it runs as plain tasks, where the hash
         # shuffle starts aggregator actors (seconds of overhead on small runs).
         clustered.context.shuffle_strategy = SHUFFLES[str(dcfg.shuffle)]
@@ -94,8 +94,8 @@ def assign_and_compare(cfg: DictConfig, source: DedupSource, centroids, dim: int
         stage_times = ray.get(clock.snapshot.remote())
     finally:
         ray.kill(clock)
-    return PassOutput(rows=rows, boundary=boundary, assigned=count, skipped=skipped, stage_times=stage_times,
-                      phase_s=phase_s)
+    return PassOutput(rows=rows, boundary=boundary, assigned=count, skipped=skipped,
+                      old_rows=0 if old is None else old.num_rows, stage_times=stage_times, phase_s=phase_s)
 
 
 def _assigned_facts(assigned: ray.data.Dataset) -> tuple[dict[str, int], pa.Table, int, np.ndarray]:
