@@ -324,3 +324,124 @@ def test_runs_as_ray_actor_pool_udf(ray_session, cut_videos) -> None:
         row = rows[video["uri"]]
         assert row["error"] is None and len(row["transition_probs"]) == video["num_frames"]
         assert match_cuts(video["cuts"], cut_frames(row["transition_probs"], 0.4), tolerance=2).f1 == 1.0
+
+
+# ------------------------------------------------- chunked decode and scoring
+@pytest.fixture(scope="module")
+def long_cut_video(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """~45 s at 24 fps, longer than many chunks of 100 frames: hard cuts right
+    at chunk edges (pairs 99|100 and 299|300), a dissolve and a fade through
+    black across edges, and scenes long enough for the gradual window."""
+    scenes = [100, 200, 150, 250, 200, 180]
+    transitions = [("cut", 0), ("cut", 0), ("dissolve", 24), ("fade", 24), ("cut", 0)]
+    path, cuts = write_transition_video(tmp_path_factory.mktemp("long_cuts") / "long.mp4", scenes=scenes,
+                                        transitions=transitions, width=160, height=90, fps=24)
+    fps, n = _probe(str(path))
+    return {"uri": str(path), "fps": fps, "num_frames": n, "cuts": cuts}
+
+
+@pytest.mark.parametrize("gradual_s", [2.0, 1.0, None])
+def test_content_scores_from_chunks_equal_the_whole_video(long_cut_video, gradual_s) -> None:
+    from udfs.split.content_detector import ContentScorer
+    from udfs.split.scene_decode import iter_small_cpu
+
+    whole = content_scores(decode_small_cpu(long_cut_video["uri"], 64, 36), 24.0, gradual_s=gradual_s)
+    assert len(whole) == long_cut_video["num_frames"]
+    # Chunks smaller than the gradual window (k = 24), equal to it, and larger; a ragged last chunk.
+    for chunk_frames in (1, 7, 24, 100, 333):
+        scorer = ContentScorer(24.0, gradual_s=gradual_s)
+        for chunk in iter_small_cpu(long_cut_video["uri"], 64, 36, chunk_frames=chunk_frames):
+            assert len(chunk) <= chunk_frames
+            scorer.feed(chunk)
+        assert np.array_equal(scorer.finish(), whole), chunk_frames
+    if gradual_s == 2.0:  # every transition found, the ones across chunk edges too
+        assert match_cuts(long_cut_video["cuts"], cut_frames(whole, 0.2), tolerance=2).f1 == 1.0
+
+
+def test_content_split_same_spans_whatever_the_chunk(long_cut_video) -> None:
+    from udfs.split.scenes import ContentSplit
+
+    rows = [ContentSplit(**stage_args("split", "content", chunk_frames=c))(_video_table([long_cut_video])).to_pylist()[0]
+            for c in (100, 10_000)]
+    assert rows[0]["transition_probs"] == rows[1]["transition_probs"]
+    assert rows[0]["span_start_frames"] == rows[1]["span_start_frames"] and rows[0]["span_start_frames"]
+    assert rows[0]["span_end_frames"] == rows[1]["span_end_frames"]
+
+
+def test_content_scorer_memory_is_flat_in_length() -> None:
+    """Peak allocations while scoring 10x more frames stay within the chunk's
+    working set: only per-frame floats grow with length."""
+    import tracemalloc
+
+    from udfs.split.content_detector import ContentScorer
+
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, size=(40, 1, 1, 3), dtype=np.uint8)
+
+    def peak(chunks: int) -> int:
+        scorer = ContentScorer(24.0, gradual_s=2.0)
+        tracemalloc.start()
+        for c in range(chunks):
+            frames = np.broadcast_to(palette[c % len(palette)], (256, 36, 64, 3)).copy()
+            scorer.feed(frames)
+        scorer.finish()
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    short, long = peak(4), peak(40)
+    assert long < 1.3 * short, (short, long)
+
+
+def test_transnetv2_windows_from_chunks_equal_whole_frames(long_cut_video) -> None:
+    """The model's windows cut from a stream of chunks are exactly the ones
+    `window_frame_indices` cuts from the whole video (padding included)."""
+    from udfs.split.scene_decode import iter_small_cpu
+    from udfs.split.transnetv2 import _Windows, window_frame_indices
+
+    frames = torch.from_numpy(decode_small_cpu(long_cut_video["uri"])[:437])
+    expected = [frames[torch.from_numpy(idx)] for idx in window_frame_indices(len(frames))]
+    for chunk_frames in (1, 49, 50, 75, 100, 437, 1000):
+        windows, got = _Windows(), []
+        for start in range(0, len(frames), chunk_frames):
+            got += list(windows.feed(frames[start:start + chunk_frames]))
+            # Only what the next window needs is held: at most one window plus a chunk.
+            assert windows.buffer is None or len(windows.buffer) <= 100 + chunk_frames
+        got += list(windows.finish())
+        assert [w for w, _ in got] == list(range(len(expected)))
+        assert all(torch.equal(a, b) for (_, a), b in zip(got, expected)), chunk_frames
+    assert sum(len(c) for c in iter_small_cpu(long_cut_video["uri"], chunk_frames=64)) == long_cut_video["num_frames"]
+
+
+@pytest.mark.slow
+def test_transnetv2_streamed_videos_equal_whole_arrays(transnet_split, transnet_out, long_cut_video,
+                                                       cut_videos) -> None:
+    """predict_many over chunk streams (three videos in a row, chunks not
+    aligned with windows, one a decode error part-way) gives the whole
+    arrays' probabilities, and the stage's spans do not depend on chunk_frames."""
+    predictor = transnet_split.predictor
+    frames = decode_small_cpu(long_cut_video["uri"])[:160]
+    other = decode_small_cpu(cut_videos[1]["uri"])
+    whole = dict(predictor.predict_many([("a", frames), ("b", other)]))
+
+    def chunks(x: np.ndarray, size: int, fail: bool = False):
+        for start in range(0, len(x), size):
+            yield x[start:start + size]
+            if fail:
+                yield OSError("decode broke")
+
+    streamed = dict(predictor.predict_many([("a", chunks(frames, 37)), ("bad", chunks(other, 60, fail=True)),
+                                            ("b", chunks(other, 1000))]))
+    assert isinstance(streamed["bad"], OSError)
+    for key in ("a", "b"):
+        assert len(streamed[key]) == len(whole[key])
+        np.testing.assert_allclose(streamed[key], whole[key], atol=1e-5)
+        assert cut_frames(streamed[key], 0.4) == cut_frames(whole[key], 0.4)
+    from udfs.split.scenes import TransNetV2Split
+
+    small = TransNetV2Split(**stage_args("split", "transnetv2", device="cpu", batch_size=8, chunk_frames=64))
+    small.predictor = predictor  # same model, no second load
+    a, b = small(_video_table(cut_videos[1:])).to_pylist(), transnet_out.to_pylist()[1:]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x["transition_probs"], y["transition_probs"], atol=1e-5)
+        assert (x["span_start_frames"], x["span_end_frames"]) == (y["span_start_frames"], y["span_end_frames"])

@@ -5,7 +5,8 @@ scores into spans, the low-resolution decode they share, and cut metrics."""
 from udfs.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
 from udfs.spec import StageSpec, fields
 
-_SCENE_RUNTIME = frozenset({"decode_threads", "decode_workers"})
+# chunk_frames bounds memory only: scores are those of the whole video at once.
+_SCENE_RUNTIME = frozenset({"decode_threads", "decode_workers", "chunk_frames"})
 
 STAGES = [
     StageSpec(node="split", choice="fixed_stride", impl="udfs.split.fixed_stride:FixedStrideSplit", level="video",

@@ -1,14 +1,20 @@
-"""Whole-video decode to tiny RGB frames for scene detectors.
+"""Decode to tiny RGB frames for scene detectors, in chunks.
 
 Scene detectors look at every frame but only at thumbnail size (TransNetV2
 was trained on 48x27), so the resize happens inside swscale on the decoded
 YUV planes (CPU) or on the GPU right after NVDEC (PyNvVideoCodec); full-size
 RGB frames are never materialised on the host.
+
+The detectors consume `iter_small*`: chunks of `chunk_frames` frames, so a
+video's frames are never all in memory at once (a 1-hour 30 fps source is
+~0.75 GB at 64x36). `decode_small*` gathers every chunk, for tests and
+benchmarks on short videos.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,7 +28,10 @@ log = logging.getLogger(__name__)
 INTERPOLATIONS = ("AREA", "FAST_BILINEAR", "BILINEAR", "BICUBIC")
 
 
-def decode_small_cpu(
+CHUNK_FRAMES = 512
+
+
+def iter_small_cpu(
     uri: str,
     width: int = 48,
     height: int = 27,
@@ -30,37 +39,52 @@ def decode_small_cpu(
     threads: int = DEFAULT_DECODE_THREADS,
     interpolation: str = "AREA",
     max_frames: int | None = None,
+    skip_frames: int = 0,
+    chunk_frames: int = CHUNK_FRAMES,
     storage_options: dict[str, Any] | None = None,
-) -> np.ndarray:
-    """Every frame of `uri` as (N, height, width, 3) uint8 RGB, via PyAV."""
+) -> Iterator[np.ndarray]:
+    """Every frame of `uri` (after the first `skip_frames`), via PyAV, as
+    consecutive (n <= chunk_frames, height, width, 3) uint8 RGB chunks."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    chunks: list[np.ndarray] = []
-    # Frames land in preallocated chunks: one np.stack over ~100k tiny
-    # arrays at the end would double peak memory for long videos.
-    chunk = np.empty((1024, height, width, 3), dtype=np.uint8)
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    # A fresh array per chunk: the consumer may keep a chunk (or a view of
+    # it) while the next one is filled.
+    chunk = np.empty((chunk_frames, height, width, 3), dtype=np.uint8)
     filled = 0
     with open_video(uri, storage_options) as container:
         stream = video_stream(container, threads)
         for index, frame in iter_frames(container, stream):
             if max_frames is not None and index >= max_frames:
                 break
+            if index < skip_frames:
+                continue
             chunk[filled] = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=interpolation)
             filled += 1
-            if filled == len(chunk):
-                chunks.append(chunk)
+            if filled == chunk_frames:
+                yield chunk
                 chunk = np.empty_like(chunk)
                 filled = 0
-    chunks.append(chunk[:filled])
+    if filled:
+        yield chunk[:filled]
+
+
+def decode_small_cpu(uri: str, width: int = 48, height: int = 27, **kwargs: Any) -> np.ndarray:
+    """Every frame of `uri` as one (N, height, width, 3) uint8 RGB array, via PyAV."""
+    chunks = list(iter_small_cpu(uri, width, height, **kwargs))
+    if not chunks:
+        return np.empty((0, height, width, 3), dtype=np.uint8)
     return np.concatenate(chunks) if len(chunks) > 1 else chunks[0].copy()
 
 
-def decode_small_gpu(uri: str, width: int = 48, height: int = 27, *, gpu_id: int = 0, batch: int = 256) -> Any:
-    """Every frame as a (N, height, width, 3) uint8 CUDA tensor: NVDEC decode
-    (PyNvVideoCodec), RGB conversion and area resize on the GPU.
+def iter_small_gpu(uri: str, width: int = 48, height: int = 27, *, gpu_id: int = 0,
+                   chunk_frames: int = 256) -> Iterator[Any]:
+    """Every frame as consecutive (n, height, width, 3) uint8 CUDA tensors:
+    NVDEC decode (PyNvVideoCodec), RGB conversion and area resize on the GPU.
 
     Raises on anything NVDEC cannot handle (codec, container, remote URI);
-    callers fall back to `decode_small_cpu`.
+    callers fall back to `iter_small_cpu`.
     """
     import PyNvVideoCodec as nvc  # lazy: GPU-only dependency
     import torch
@@ -70,27 +94,40 @@ def decode_small_gpu(uri: str, width: int = 48, height: int = 27, *, gpu_id: int
     decoder = nvc.SimpleDecoder(
         uri, gpu_id=gpu_id, use_device_memory=True, output_color_type=nvc.OutputColorType.RGB
     )
-    parts: list[torch.Tensor] = []
     while True:
-        frames = decoder.get_batch_frames(batch)
+        frames = decoder.get_batch_frames(chunk_frames)
         if not frames:
             break
         # Interleaved RGB frames expose the CUDA array interface: (H, W, 3).
         rgb = torch.stack([torch.from_dlpack(f) for f in frames]).to(device)
         x = rgb.permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(height, width), mode="area")
-        parts.append(x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+        yield x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def decode_small_gpu(uri: str, width: int = 48, height: int = 27, *, gpu_id: int = 0, batch: int = 256) -> Any:
+    """Every frame as one (N, height, width, 3) uint8 CUDA tensor (see `iter_small_gpu`)."""
+    import torch
+
+    parts = list(iter_small_gpu(uri, width, height, gpu_id=gpu_id, chunk_frames=batch))
     if not parts:
-        return torch.zeros((0, height, width, 3), dtype=torch.uint8, device=device)
+        return torch.zeros((0, height, width, 3), dtype=torch.uint8, device=torch.device("cuda", gpu_id))
     return torch.cat(parts)
 
 
-def decode_small(uri: str, width: int = 48, height: int = 27, *, use_gpu: bool = False, **cpu_kwargs: Any) -> Any:
-    """GPU decode when asked and possible, else PyAV. Returns a torch uint8
-    tensor on the GPU, or a numpy array from the CPU path."""
+def iter_small(uri: str, width: int = 48, height: int = 27, *, use_gpu: bool = False,
+               chunk_frames: int = CHUNK_FRAMES, **cpu_kwargs: Any) -> Iterator[Any]:
+    """Chunks from the GPU decode when asked and possible (torch uint8 on the
+    GPU), else from PyAV (numpy). A GPU failure part-way through goes on with
+    PyAV from the first frame not yet yielded, so no frame is lost or repeated."""
+    done = 0
     if use_gpu:
         try:
-            return decode_small_gpu(uri, width, height)
+            for part in iter_small_gpu(uri, width, height, chunk_frames=chunk_frames):
+                yield part
+                done += int(part.shape[0])
+            return
         except Exception as exc:  # any NVDEC/driver/container failure -> CPU
-            log.warning("GPU decode of %s failed (%s: %s); decoding on CPU", uri, type(exc).__name__, exc)
-    return decode_small_cpu(uri, width, height, **cpu_kwargs)
+            log.warning("GPU decode of %s failed after %d frames (%s: %s); decoding on CPU", uri, done,
+                        type(exc).__name__, exc)
+    yield from iter_small_cpu(uri, width, height, skip_frames=done, chunk_frames=chunk_frames, **cpu_kwargs)

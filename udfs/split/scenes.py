@@ -11,12 +11,20 @@ scene columns; a video that fails to decode gets its `error` set to
 Frame counts come from decoding, not from the probe's `num_frames`: spans
 must only name frames that exist, and probes of real files over- or
 under-count. For well-formed files the two agree.
+
+Frames are decoded and scored `chunk_frames` at a time, windows overlapping
+by what the detector needs (TransNetV2: its 100-frame windows; content: the
+gradual window), and only the per-frame scores are kept: a task's memory
+does not grow with video length, and the scores are those of the whole
+video at once.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -25,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from udfs.schema import VIDEO_SCENE_FIELDS, VIDEO_SPAN_FIELDS
-from udfs.split.content_detector import content_scores
-from udfs.split.scene_decode import decode_small, decode_small_cpu
+from udfs.split.content_detector import ContentScorer
+from udfs.split.scene_decode import iter_small, iter_small_cpu
 from udfs.split.scene_rules import LONG_SCENE_MODES, plan_spans
 from udfs.media.video import decode_errors
 
@@ -66,6 +74,87 @@ def _prefetched(fn: Callable[[Any], Any], items: list[Any], workers: int, ahead:
             nxt = next(it, None)
             if nxt is not None:
                 queue.append(pool.submit(safe, nxt))
+
+
+def _streamed(open_chunks: Callable[[Any], Iterable[Any]], items: list[Any], workers: int, ahead: int,
+              queue_chunks: int = 2) -> Iterator[Iterator[Any]]:
+    """Per item, in order, an iterator over the chunks of `open_chunks(item)`,
+    decoded on `workers` threads while the caller consumes earlier items: up
+    to `ahead` items beyond the current one are started, each holding at most
+    `queue_chunks` chunks that wait for the caller (so memory is bounded by
+    chunks, not videos). A decode error (`decode_errors()`) comes out as the
+    iterator's last item, an exception instance; any other exception is
+    raised in the caller. Leaving early stops the decoding threads."""
+    bad_input = decode_errors()
+    if workers <= 0:
+        def inline(item: Any) -> Iterator[Any]:
+            try:
+                yield from open_chunks(item)
+            except bad_input as exc:
+                yield exc
+
+        for item in items:
+            yield inline(item)
+        return
+
+    stop = threading.Event()
+    end = object()
+
+    def produce(item: Any, out: queue.Queue, left: threading.Event) -> None:
+        def put(value: Any) -> bool:
+            while not (stop.is_set() or left.is_set()):
+                try:
+                    out.put(value, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for chunk in open_chunks(item):
+                if not put(("chunk", chunk)):
+                    return
+            put(("end", end))
+        except bad_input as exc:
+            put(("chunk", exc))
+            put(("end", end))
+        except BaseException as exc:  # raised in the caller's thread
+            put(("raise", exc))
+
+    def consume(out: queue.Queue, left: threading.Event) -> Iterator[Any]:
+        try:
+            while True:
+                kind, value = out.get()
+                if kind == "raise":
+                    raise value
+                if kind == "end":
+                    return
+                yield value
+        finally:  # closed early: its producer stops instead of waiting on a full queue
+            left.set()
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scene-decode")
+    try:
+        started: collections.deque[tuple[queue.Queue, threading.Event]] = collections.deque()
+        it = iter(items)
+
+        def start_next() -> None:
+            nxt = next(it, end)
+            if nxt is not end:
+                q: queue.Queue = queue.Queue(maxsize=max(1, queue_chunks))
+                left = threading.Event()
+                pool.submit(produce, nxt, q, left)
+                started.append((q, left))
+
+        for _ in range(1 + max(0, ahead)):
+            start_next()
+        while started:
+            q, left = started.popleft()
+            start_next()
+            yield consume(q, left)
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _SceneSplit:
@@ -148,9 +237,10 @@ class TransNetV2Split(_SceneSplit):
     calibrated; a transition where > threshold) -> spans.
 
     Put it on an actor pool (the model loads once per actor). Frames are
-    decoded at 48x27 on `decode_workers` threads ahead of inference (NVDEC +
-    GPU resize when on CUDA and `gpu_decode`, PyAV otherwise or on any GPU
-    decode error); windows of all videos in the batch share model batches.
+    decoded at 48x27, `chunk_frames` at a time, on `decode_workers` threads
+    ahead of inference (NVDEC + GPU resize when on CUDA and `gpu_decode`,
+    PyAV otherwise or on any GPU decode error); windows of all videos in the
+    batch share model batches.
     """
 
     detector_name = "transnetv2"
@@ -172,6 +262,7 @@ class TransNetV2Split(_SceneSplit):
         decode_threads: int,
         decode_workers: int,
         prefetch_videos: int,
+        chunk_frames: int,
         torch_threads: int | None,
         storage_options: dict[str, Any] | None,
     ) -> None:
@@ -189,14 +280,16 @@ class TransNetV2Split(_SceneSplit):
         self.use_gpu_decode = bool(gpu_decode) and self.predictor.device.type == "cuda"
         self.interpolation = interpolation
         self.prefetch_videos = int(prefetch_videos)
+        self.chunk_frames = int(chunk_frames)
 
-    def _decode(self, video: tuple[str, float]) -> Any:
-        return decode_small(video[0], 48, 27, use_gpu=self.use_gpu_decode, threads=self.decode_threads,
-                            interpolation=self.interpolation, storage_options=self.storage_options)
+    def _decode(self, video: tuple[str, float]) -> Iterator[Any]:
+        return iter_small(video[0], 48, 27, use_gpu=self.use_gpu_decode, threads=self.decode_threads,
+                          interpolation=self.interpolation, chunk_frames=self.chunk_frames,
+                          storage_options=self.storage_options)
 
     def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
-        frames = _prefetched(self._decode, videos, self.decode_workers, self.prefetch_videos)
-        for _, result in self.predictor.predict_many(enumerate(frames)):
+        streams = _streamed(self._decode, videos, self.decode_workers, self.prefetch_videos)
+        for _, result in self.predictor.predict_many(enumerate(streams)):
             yield result
 
 
@@ -218,6 +311,7 @@ class ContentSplit(_SceneSplit):
         height: int,
         gradual_s: float | None,
         interpolation: str,
+        chunk_frames: int,
         decode_threads: int,
         decode_workers: int,
         storage_options: dict[str, Any] | None,
@@ -228,12 +322,16 @@ class ContentSplit(_SceneSplit):
         self.width, self.height = int(width), int(height)
         self.gradual_s = gradual_s
         self.interpolation = interpolation
+        self.chunk_frames = int(chunk_frames)
 
     def _score(self, video: tuple[str, float]) -> np.ndarray:
         uri, fps = video
-        frames = decode_small_cpu(uri, self.width, self.height, threads=self.decode_threads,
-                                  interpolation=self.interpolation, storage_options=self.storage_options)
-        return content_scores(frames, float(fps or 0) or 25.0, gradual_s=self.gradual_s)
+        scorer = ContentScorer(float(fps or 0) or 25.0, gradual_s=self.gradual_s)
+        for chunk in iter_small_cpu(uri, self.width, self.height, threads=self.decode_threads,
+                                    interpolation=self.interpolation, chunk_frames=self.chunk_frames,
+                                    storage_options=self.storage_options):
+            scorer.feed(chunk)
+        return scorer.finish()
 
     def score_videos(self, videos: list[tuple[str, float]]) -> Iterable[np.ndarray | BaseException]:
         return _prefetched(self._score, videos, self.decode_workers, max(1, self.decode_workers))

@@ -180,12 +180,61 @@ def window_frame_indices(num_frames: int) -> np.ndarray:
     return np.clip(idx, 0, num_frames - 1)
 
 
+class _Windows:
+    """The model's windows of one video whose frames arrive as consecutive
+    chunks: a window leaves as soon as its last frame has arrived (or, at the
+    end, padded with the last frame, as `window_frame_indices` pads). Only
+    the frames from the next window's first one on are kept, so memory is a
+    window plus a chunk, whatever the video's length."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.first = 0  # frame index of buffer[0]
+        self.frames = 0  # frames seen
+        self.next = 0  # next window to emit
+
+    def _window(self, w: int, last_frame: int) -> torch.Tensor:
+        assert self.buffer is not None
+        idx = np.clip(np.arange(WINDOW) + (w * STEP - CONTEXT), 0, last_frame) - self.first
+        return self.buffer[torch.from_numpy(idx).to(self.buffer.device)]
+
+    def _trim(self) -> None:
+        keep_from = max(0, self.next * STEP - CONTEXT)
+        if self.buffer is not None and keep_from > self.first:
+            self.buffer = self.buffer[keep_from - self.first:]
+            self.first = keep_from
+
+    def feed(self, chunk: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        if not len(chunk):
+            return
+        self.buffer = chunk if self.buffer is None or not len(self.buffer) else torch.cat([self.buffer, chunk])
+        self.frames += int(chunk.shape[0])
+        while self.next * STEP - CONTEXT + WINDOW - 1 <= self.frames - 1:
+            yield self.next, self._window(self.next, self.frames - 1)
+            self.next += 1
+        self._trim()
+
+    def finish(self) -> Iterator[tuple[int, torch.Tensor]]:
+        while self.next < num_windows(self.frames):
+            yield self.next, self._window(self.next, self.frames - 1)
+            self.next += 1
+        self.buffer = None
+
+
+def _as_frames(frames: Any) -> torch.Tensor | BaseException:
+    tensor = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
+    if tensor.ndim != 4 or tuple(tensor.shape[1:]) != (*INPUT_HW, 3) or tensor.dtype != torch.uint8:
+        return ValueError(f"frames must be (N, 27, 48, 3) uint8, got {tuple(tensor.shape)} {tensor.dtype}")
+    return tensor
+
+
 class TransNetV2Predictor:
     """Per-frame transition probabilities for whole videos.
 
     Windows from consecutive videos share batches, so short videos do not
     leave the device idle and long ones are streamed through in
-    `batch_size`-window steps.
+    `batch_size`-window steps; a video may arrive as chunks of frames, so
+    it is never whole in memory.
     """
 
     def __init__(
@@ -212,11 +261,15 @@ class TransNetV2Predictor:
         return probs.cpu().numpy()
 
     def predict_many(self, videos: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, np.ndarray | BaseException]]:
-        """(key, frames) -> (key, float32 probabilities of len(frames)), in
-        input order. `frames` is (N, 27, 48, 3) uint8, numpy or torch; an
-        exception in place of frames is passed through as the result."""
-        # seq -> [key, result buffer (or the exception), windows not yet inferred];
-        # dicts keep insertion order, so results leave in input order.
+        """(key, frames) -> (key, float32 probabilities, one per frame), in
+        input order. `frames` is (N, 27, 48, 3) uint8, numpy or torch, or an
+        iterable of such chunks (consecutive frames of one video). An
+        exception in place of frames, or yielded by the chunks, is passed
+        through as the result (windows of that video already batched are
+        dropped)."""
+        # seq -> [key, per-window probabilities (or the exception), windows not yet
+        # inferred, frames (None until the video's last chunk)]; dicts keep
+        # insertion order, so results leave in input order.
         pending: dict[int, list[Any]] = {}
         batch: list[torch.Tensor] = []
         slots: list[tuple[int, int]] = []  # (seq, window index) per batch row
@@ -225,43 +278,52 @@ class TransNetV2Predictor:
             out = self._infer(torch.stack(batch))
             for row, (seq, w) in enumerate(slots):
                 entry = pending[seq]
-                buf = entry[1]
-                take = min(STEP, len(buf) - w * STEP)
-                buf[w * STEP : w * STEP + take] = out[row, :take]
                 entry[2] -= 1
+                if not isinstance(entry[1], BaseException):
+                    entry[1][w] = out[row]
             batch.clear()
             slots.clear()
 
         def drain_finished() -> Iterator[tuple[Any, np.ndarray | BaseException]]:
             while pending:
                 seq = next(iter(pending))
-                key, result, left = pending[seq]
-                if left:
+                key, parts, left, frames = pending[seq]
+                if left or frames is None:
                     return
                 del pending[seq]
-                yield key, result
+                if isinstance(parts, BaseException):
+                    yield key, parts
+                else:
+                    probs = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+                    yield key, probs[:frames].astype(np.float32, copy=False)
+
+        def add(seq: int, windows: Iterable[tuple[int, torch.Tensor]]) -> Iterator[tuple[Any, Any]]:
+            entry = pending[seq]
+            for w, window in windows:
+                entry[1].append(None)
+                batch.append(window)
+                slots.append((seq, w))
+                entry[2] += 1
+                if len(batch) >= self.batch_size:
+                    run_batch()
+                    yield from drain_finished()
 
         for seq, (key, frames) in enumerate(videos):
-            if isinstance(frames, BaseException):
-                pending[seq] = [key, frames, 0]
-                yield from drain_finished()
-                continue
-            tensor = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
-            if tensor.ndim != 4 or tuple(tensor.shape[1:]) != (*INPUT_HW, 3) or tensor.dtype != torch.uint8:
-                error = ValueError(f"frames must be (N, 27, 48, 3) uint8, got {tuple(tensor.shape)} {tensor.dtype}")
-                pending[seq] = [key, error, 0]
-                yield from drain_finished()
-                continue
-            n = int(tensor.shape[0])
-            pending[seq] = [key, np.zeros(n, dtype=np.float32), num_windows(n)]
-            if n:
-                index = torch.from_numpy(window_frame_indices(n)).to(tensor.device)
-                for w in range(len(index)):
-                    batch.append(tensor[index[w]])
-                    slots.append((seq, w))
-                    if len(batch) >= self.batch_size:
-                        run_batch()
-                        yield from drain_finished()
+            pending[seq] = entry = [key, [], 0, None]
+            chunks = [frames] if isinstance(frames, (BaseException, np.ndarray, torch.Tensor)) else frames
+            windows = _Windows()
+            for chunk in chunks:
+                tensor = chunk if isinstance(chunk, BaseException) else _as_frames(chunk)
+                if isinstance(tensor, BaseException):
+                    entry[1] = tensor
+                    break
+                yield from add(seq, windows.feed(tensor))
+            close = getattr(chunks, "close", None)
+            if close is not None:  # a stream left early (on an error) stops its decode
+                close()
+            if not isinstance(entry[1], BaseException):
+                yield from add(seq, windows.finish())
+            entry[3] = windows.frames
             yield from drain_finished()
         if batch:
             run_batch()
