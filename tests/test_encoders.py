@@ -90,4 +90,10 @@ def test_the_gpu_node_experiment_gives_the_models_the_gpus_and_the_encode_the_cp
         cfg = compose(config_name="config", overrides=["+experiment=gpu_node", "input=x", "output=y"])
     assert cfg.split.name == "transnetv2" and cfg.split.resources.num_gpus == 0.5
     assert cfg.embed.name == "clip" and cfg.embed.resources.num_gpus == 0.5
-    assert cfg.transcode.encoder == "libx264" and cfg.transcode.resources.num_gpus == 0
+    assert cfg.transcode.encoder == "libx264" and cfg.transcode.threads == 4
+    # NVDEC where PyNvVideoCodec is installed: the tasks need a GPU token to see one.
+    assert cfg.transcode.decode == "auto" and cfg.transcode.resources.num_gpus == 0.02
+    # 200 one-CPU tasks (more than an 8-GPU node's cores) fit the 4 GPUs the models leave.
+    models = sum(cfg[n].resources.num_gpus * cfg[n].resources.concurrency for n in ("split", "embed"))
+    assert models + 200 * cfg.transcode.resources.num_gpus <= 8
+

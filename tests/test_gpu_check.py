@@ -3,6 +3,7 @@ machine shaped like the lent GPU box (no PyAV, Ray, Lance or Hydra)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
-ROWS = ["nvenc_probe", "nvenc_transcode", "nvdec_scene_decode", "transnetv2_cuda", "clip_embed_bf16", "cosmos_embed1_bf16",
-        "qwen_vl_caption_bf16", "dedup_kmeans_pairwise"]
+ROWS = ["nvenc_probe", "nvenc_transcode", "nvdec_transcode", "nvdec_scene_decode", "transnetv2_cuda", "clip_embed_bf16",
+        "cosmos_embed1_bf16", "qwen_vl_caption_bf16", "dedup_kmeans_pairwise", "text_detector_cuda"]
 
 # Runs the script as __main__ with packages the GPU machine lacks made unimportable.
 GPU_BOX = """
@@ -50,6 +51,7 @@ def test_dry_run_without_gpu_skips_every_row(tmp_path):
     assert [r["name"] for r in rows] == ROWS
     assert all(r["status"] == "skipped: no GPU" for r in rows), rows
     assert "| nvenc_transcode | skipped: no GPU |" in output
+    assert "| nvdec_transcode | skipped: no GPU |" in output and "| text_detector_cuda | skipped: no GPU |" in output
 
 
 @pytest.mark.slow
@@ -61,7 +63,51 @@ def test_checks_run_where_pyav_ray_lance_hydra_are_missing(tmp_path):
     assert code == 0, output
     status = {r["name"]: r["status"] for r in rows}
     assert status["nvenc_probe"] == status["nvenc_transcode"] == "skipped: no av (PyAV)"
-    assert status["nvdec_scene_decode"] == "skipped: no av (PyAV)"
+    assert status["nvdec_scene_decode"] == status["nvdec_transcode"] == "skipped: no av (PyAV)"
     for name in ("transnetv2_cuda", "clip_embed_bf16", "cosmos_embed1_bf16", "qwen_vl_caption_bf16"):
         assert status[name] == "ok", (name, output)
     assert status["dedup_kmeans_pairwise"] == "ok", output
+    # onnxruntime (CPU build), scipy and the PP-OCRv4 model are in this venv: CPU provider against itself.
+    assert status["text_detector_cuda"] == "ok", output
+
+
+def load_script(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_text_row_skips_with_the_reason_where_onnxruntime_has_no_cuda_provider(tmp_path, monkeypatch):
+    script = load_script(monkeypatch)
+    monkeypatch.setattr(script, "DEVICE", "cuda")
+    row = None
+    try:
+        script.check_text_detector(tmp_path)
+    except script.Skip as exc:
+        row = str(exc)
+    assert row is not None and "has no CUDA provider (onnxruntime-gpu not installed" in row
+
+
+@pytest.mark.slow
+def test_nvdec_transcode_row_with_a_fake_nvdec(tmp_path, monkeypatch):
+    """The row's own plumbing on CPU: CUDA faked, PyNvVideoCodec the stand-in of
+    tests/test_nvdec.py (PyAV's frames as NV12), tiny video."""
+    spec = importlib.util.spec_from_file_location("nvdec_fakes", Path(__file__).with_name("test_nvdec.py"))
+    fakes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fakes)
+    from udfs.media import nvdec
+
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", fakes.fake_pynvvideocodec())
+    monkeypatch.setattr(nvdec, "cuda_available", lambda: True)
+    nvdec.choose_decoder.cache_clear()
+    script = load_script(monkeypatch)
+    monkeypatch.setattr(script, "DEVICE", "cuda")
+    monkeypatch.setattr(script, "SIZES", script.TINY)
+    try:
+        row = script.check_nvdec_transcode(tmp_path)
+    finally:
+        nvdec.choose_decoder.cache_clear()
+    assert row.status == "ok", row
+    assert "2 clips, same spans, frame-exact; decoded planes equal to PyAV's in 360/360 frames" in row.check
