@@ -127,3 +127,141 @@ def test_versions_go_only_once_superseded_longer_than_the_window(tmp_path):
     left = [v["version"] for v in lance.dataset(uri).versions()]
     assert removed == len(versions) - 1 and left == versions[-1:]
     assert sorted(lance.dataset(uri).to_table().column("x").to_pylist()) == [0, 1, 2, 3]
+
+
+def clips_by_video(uri) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(lance.dataset(str(uri)).to_table(columns=["video_id"]).column("video_id").to_pylist()))
+
+
+def test_compaction_during_a_running_curate_with_readers_open(ray_session, inputs, uncompacted, tmp_path):
+    """Readers poll the output while curate commits and compacts (every 2
+    fragments, and at the end): each read sees whole videos, no clip twice;
+    a reader that opened a version early and a ClipDataset opened mid-run
+    read their version whole after the compactions; the end has the clean
+    run's rows."""
+    import threading
+
+    from engine.training import ClipDataset
+
+    out = tmp_path / "live"
+    clips_uri = out / "clips.lance"
+    per_video = clips_by_video(uncompacted / "clips.lance")
+    stop, problems, seen = threading.Event(), [], []
+    held: dict = {}
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                ds = lance.dataset(str(clips_uri))
+                table = ds.to_table(columns=["clip_id", "video_id"])
+            except (ValueError, OSError):  # not created yet
+                time.sleep(0.02)
+                continue
+            ids = table.column("clip_id").to_pylist()
+            if len(ids) != len(set(ids)):
+                problems.append(("clip twice", ds.version))
+            videos = table.column("video_id").to_pylist()
+            for video in set(videos):
+                if videos.count(video) != per_video[video]:
+                    problems.append(("part of a video", ds.version, video))
+            seen.append((ds.version, len(ids)))
+            if ids and "pinned" not in held:
+                held["pinned"], held["pinned_ids"] = ds, sorted(ids)
+                loader = ClipDataset(str(out), num_frames=4, shuffle=False, caption=None, version=ds.version)
+                held["iterator"] = iter(loader)
+                held["first"] = next(held["iterator"])["clip_id"]
+            time.sleep(0.02)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        summary = curate(inputs, out, "write.compact_every_fragments=2")
+    finally:
+        stop.set()
+        reader.join(timeout=60)
+    assert not problems, problems[:5]
+    assert seen and summary["run"]["compactions_while_running"] >= 1
+    final = lance.dataset(str(clips_uri))
+    assert len(final.get_fragments()) == 1
+    assert rows(clips_uri) == rows(uncompacted / "clips.lance")
+    # The early readers' version was compacted over (at least by the end-of-run
+    # compaction) and still reads whole, media included.
+    pinned = held["pinned"]
+    assert pinned.version < final.version
+    assert sorted(pinned.to_table(columns=["clip_id"]).column("clip_id").to_pylist()) == held["pinned_ids"]
+    rest = [sample["clip_id"] for sample in held["iterator"]]
+    pinned_curated = sorted(pinned.to_table(columns=["clip_id"], filter="passed AND error IS NULL")
+                            .column("clip_id").to_pylist())
+    assert sorted([held["first"], *rest]) == pinned_curated
+
+
+def test_resume_after_compaction_adds_only_the_new_videos(ray_session, inputs, uncompacted, tmp_path):
+    out = tmp_path / "grown"
+    first = curate(inputs[:2], out, "write.compact_every_fragments=2")
+    assert [r["fragments_after"] for r in first["run"]["compaction"]] == [1, 1]
+    again = curate(inputs, out, "write.compact_every_fragments=2")
+    assert again["run"]["resumed"] and again["run"]["videos_skipped"] == 2
+    assert rows(out / "clips.lance") == rows(uncompacted / "clips.lance")
+    snap_clips, snap_videos = OutputLayout(str(out)).snapshot()
+    assert snap_clips.version == lance.dataset(out / "clips.lance").version
+    assert snap_videos.count_rows() == len(inputs)
+    assert clips_by_video(out / "clips.lance") == clips_by_video(uncompacted / "clips.lance")
+
+
+def test_a_crash_during_task_compact_then_the_same_command(uncompacted, tmp_path):
+    import shutil
+
+    from lance.optimize import Compaction, CompactionOptions
+
+    out = tmp_path / "crashed_compact"
+    shutil.copytree(uncompacted, out)
+    ds = lance.dataset(out / "clips.lance")
+    version = ds.version
+    plan = Compaction.plan(ds, CompactionOptions(target_rows_per_fragment=4096))
+    for task in plan.tasks:
+        task.execute(ds)  # killed before Compaction.commit: rewritten files, no new version
+    assert lance.dataset(out / "clips.lance").version == version
+    assert rows(out / "clips.lance") == rows(uncompacted / "clips.lance")
+    summary = run_compact(config("task=compact", f"output={out}"))
+    assert [t["fragments_after"] for t in summary["tables"]] == [1, 1]
+    assert rows(out / "clips.lance") == rows(uncompacted / "clips.lance")
+    assert clips_by_video(out / "clips.lance") == clips_by_video(uncompacted / "clips.lance")
+    # The next curate on it resumes with every video done (the bookkeeping survived).
+    snap_clips, snap_videos = OutputLayout(str(out)).snapshot()
+    assert snap_clips.version == lance.dataset(out / "clips.lance").version and snap_videos.count_rows() == 3
+
+
+def test_version_cleanup_never_breaks_an_open_reader(uncompacted, tmp_path):
+    """Readers in the middle of reading the latest version (a scan part-way,
+    a ClipDataset mid-epoch) when task=compact rewrites the table and retires
+    versions: their version was superseded just now, inside the window, so it
+    stays and they finish with every row. Past the window it goes, and the
+    latest version reads whole."""
+    import shutil
+
+    from engine.training import ClipDataset
+
+    out = tmp_path / "readers"
+    shutil.copytree(uncompacted, out)
+    clips_uri = str(out / "clips.lance")
+    time.sleep(1.1)  # the copied run's own versions are now superseded longer than the window
+    ds = lance.dataset(clips_uri)
+    scan = ds.to_batches(columns=["clip_id"], batch_size=2)
+    scanned = next(scan).column("clip_id").to_pylist()
+    loader = iter(ClipDataset(str(out), num_frames=4, shuffle=False, caption=None))
+    taken = [next(loader)["clip_id"]]
+    summary = run_compact(config("task=compact", f"output={out}", "write.keep_versions_s=1"))
+    assert summary["versions_removed"] >= 1  # older versions went ...
+    assert ds.version in [v["version"] for v in lance.dataset(clips_uri).versions()]  # ... the readers' did not
+    scanned += [i for b in scan for i in b.column("clip_id").to_pylist()]
+    taken += [sample["clip_id"] for sample in loader]
+    assert sorted(scanned) == sorted(r[0] for r in rows(uncompacted / "clips.lance"))
+    curated = lance.dataset(uncompacted / "clips.lance").to_table(columns=["clip_id"], filter="passed AND error IS NULL")
+    assert sorted(taken) == sorted(curated.column("clip_id").to_pylist())
+    time.sleep(1.2)
+    again = run_compact(config("task=compact", f"output={out}", "write.keep_versions_s=1"))
+    assert again["versions_removed"] >= 1
+    assert ds.version not in [v["version"] for v in lance.dataset(clips_uri).versions()]
+    assert rows(clips_uri) == rows(uncompacted / "clips.lance")
