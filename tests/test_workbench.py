@@ -248,8 +248,26 @@ def test_the_map_has_one_point_per_clip_and_selects_by_polygon(tmp_path):
     box = [(0.0, 0.0), (10.0, 0.0), (10.0, 10.0), (0.0, 10.0)]
     inside = m.select("pca", box)
     assert len(inside) == int(((x >= 0) & (y >= 0)).sum()) > 0
-    binned = MapView(TableColumns(ds, "clip_id"), proj, max_points=100, bins=16).answer("pca", "aesthetic_score", None, None)
+    binned_view = MapView(TableColumns(ds, "clip_id"), proj, max_points=100, bins=16)
+    binned = binned_view.answer("pca", "aesthetic_score", None, None)
     assert binned["mode"] == "bins" and sum(binned["count"]) == 500
+    # The page's encoding: the same bins as base64 typed arrays.
+    import base64
+
+    packed = binned_view.answer("pca", "aesthetic_score", None, None, encoding="b64")
+    cell = np.frombuffer(base64.b64decode(packed["cell"]), "<u4")
+    assert cell.tolist() == [i * 16 + j for i, j in zip(binned["ix"], binned["iy"])]
+    assert np.frombuffer(base64.b64decode(packed["count"]), "<u4").tolist() == binned["count"]
+    assert np.allclose(np.frombuffer(base64.b64decode(packed["c"]), "<f4"),
+                       [np.nan if v is None else v for v in binned["c"]], atol=1e-4, equal_nan=True)
+    by_video = binned_view.answer("pca", "dedup_cluster", None, None, encoding="b64")
+    assert len(np.frombuffer(base64.b64decode(by_video["c"]), "<i2")) == len(binned["count"])
+    # A zoomed view holds exactly the points inside it.
+    xs, ys = np.asarray(points["x"]), np.asarray(points["y"])
+    zoom = (float(np.median(xs)), float(xs.max()), float(ys.min()), float(np.median(ys)))
+    inside_zoom = m.answer("pca", None, zoom, None)
+    assert sorted(inside_zoom["ids"]) == sorted(i for i, x, y in zip(points["ids"], xs, ys)
+                                                if zoom[0] <= x <= zoom[1] and zoom[2] <= y <= zoom[3])
     again = compute(ds, "embedding", "clip_id", fit_rows=200, seed=0, umap=False)
     assert np.allclose(again.column("pca_x").to_numpy(), proj.column("pca_x").to_numpy())
 
@@ -498,6 +516,8 @@ def test_the_workbench_in_a_real_browser(deduped, tmp_path):
         assert painted > 6 * 10  # every point is a disc of several pixels
         Select(driver.find_element(By.ID, "color")).select_by_value("video_id")
         wait.until(lambda d: d.execute_script("return window.reelsiftMap.data().color") == "video_id")
+        legend = driver.find_element(By.ID, "legend").text
+        assert all(n in legend for n in ("hd_30fps_23s.mp4", "odd_25fps_12s.mp4", "short_15fps_3s.mp4")), legend
         driver.save_screenshot(str(shots / "map.png"))
         points = driver.execute_script("const d = window.reelsiftMap.data(); return [d.ids, d.x, d.y];")
         Select(driver.find_element(By.ID, "tool")).select_by_value("box")
@@ -535,6 +555,7 @@ def test_the_workbench_in_a_real_browser(deduped, tmp_path):
         wait.until(lambda d: f"dedup.eps={eps:g}" in d.find_element(By.ID, "command").text)
         wait.until(lambda d: d.find_element(By.ID, "eps-value").text == f"= {d.find_element(By.ID, 'eps-box').get_attribute('value')}")
         removed = int(driver.find_element(By.ID, "removed").text)
+        wait.until(lambda d: d.execute_script("return document.body.dataset.groups") is not None)
         driver.save_screenshot(str(shots / "duplicates.png"))
         run_dedup(config("task=dedup", f"output={pristine}", f"dedup.eps={eps}"))
         marked = lance.dataset(pristine / "clips.lance").to_table(columns=["duplicate"]).column("duplicate").to_pylist()
@@ -576,13 +597,28 @@ def test_the_workbench_in_a_real_browser(deduped, tmp_path):
         exported = pa.concat_tables([pq.read_table(p, columns=["clip_id"]) for p in (tmp_path / "ex").rglob("*.parquet")])
         assert victim not in exported.column("clip_id").to_pylist() and exported.num_rows == curated - 1
 
+        # The rest of the keyboard: r moved on to the next card; a accepts it, k goes back, space plays, / searches.
+        second = driver.find_element(By.CSS_SELECTOR, "#gallery .card.focused")
+        assert second.get_attribute("data-clip-id") != victim
+        body.send_keys("a")
+        wait.until(lambda d: "accept: 1 clip" in d.find_element(By.ID, "label-status").text)
+        assert "labelled-accept" in second.get_attribute("class")
+        body.send_keys("k")
+        body.send_keys("k")
+        assert driver.find_element(By.CSS_SELECTOR, "#gallery .card.focused").get_attribute("data-clip-id") == victim
+        body.send_keys(" ")
+        wait.until(lambda d: d.execute_script(
+            "const v = document.querySelector('#gallery .card.focused video'); return v && v.readyState >= 2;"))
+        body.send_keys("/")
+        assert driver.execute_script("return document.activeElement.id") == "q"
+
         # -- A POST without the token, from the page itself: 403, nothing written.
         rows = label_rows(out)
         status = driver.execute_async_script(
             "const done = arguments[arguments.length - 1];"
             "fetch('/api/labels', {method: 'POST', headers: {'Content-Type': 'application/json'},"
             " body: JSON.stringify({clip_ids: [arguments[0]], label: 'accept'})}).then(r => done(r.status));", victim)
-        assert status == 403 and label_rows(out) == rows == 1
+        assert status == 403 and label_rows(out) == rows == 2
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/labels" not in e["message"]]
         assert not errors, errors
     finally:
@@ -590,3 +626,43 @@ def test_the_workbench_in_a_real_browser(deduped, tmp_path):
     names = ("map.png", "map_selection.png", "duplicates.png", "thresholds.png", "rejected.png")
     assert all((shots / n).stat().st_size > 1000 for n in names)
     print(f"screenshots: {shots}")
+
+
+@pytest.mark.slow
+def test_labels_survive_dedup_index_and_curate_reruns(embedded_output, video_dir, tiny_clip, tmp_path):
+    """labels.lance is beside the tables, not in them, and clip ids are a
+    function of source and span: a label finds its clip after task=dedup,
+    task=index, a resumed curate and a curate that starts over."""
+    from engine.curate.task import run as run_curate
+    from engine.dedup.task import run as run_dedup
+    from engine.index.task import run as run_index
+    from engine.store.labels import LabelStore
+    from engine.training import ClipDataset
+
+    out = tmp_path / "out"
+    shutil.copytree(embedded_output, out)
+    table = str(out / "clips.lance")
+    ids = lance.dataset(table).to_table(columns=["clip_id"], filter="passed AND error IS NULL").column("clip_id")
+    victim = ids[0].as_py()
+    LabelStore(table, None).append([victim], "reject", note="logo")
+    curated = ClipDataset(str(out), num_frames=2, include_rejected=True).num_clips
+    inputs = [str(video_dir / n) for n in ("hd_30fps_23s.mp4", "odd_25fps_12s.mp4", "short_15fps_3s.mp4", "corrupt.mp4")]
+    curate = [f"input=[{','.join(inputs)}]", f"output={out}", "transcode.preset=ultrafast", "embed=clip",
+              f"embed.model={tiny_clip}", "embed.resources.batch_size=8"]
+    for step in (lambda: run_curate(config(*curate)),                       # resumes: every video committed
+                 lambda: run_dedup(config("task=dedup", f"output={out}")),
+                 lambda: run_index(config("task=index", f"output={out}")),
+                 lambda: run_curate(config(*curate, "overwrite=true"))):    # starts over: new tables, same ids
+        step()
+        assert LabelStore(table, None).rejected() == [victim]
+    # Counted in a fresh process: this one's Lance caches still hold the overwritten table's files.
+    import subprocess
+    import sys
+
+    probe = ("import lance, sys; from engine.training import ClipDataset; "
+             f"ids = lance.dataset({table!r}).to_table(columns=['clip_id']).column('clip_id').to_pylist(); "
+             f"print({victim!r} in ids, ClipDataset({str(out)!r}, num_frames=2).num_clips, "
+             f"ClipDataset({str(out)!r}, num_frames=2, include_rejected=True).num_clips)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert done.stdout.split()[-3:] == ["True", str(curated - 1), str(curated)], done.stderr[-2000:]

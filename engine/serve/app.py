@@ -195,6 +195,24 @@ class RunView:
                 self._map = mapview.MapView(self.cols, table, node.max_points, node.bins)
             return self._map
 
+    def warm_up(self) -> None:
+        """Read what the panels answer from while nobody waits yet: the map,
+        the thresholds' columns and first sorted array, dedup's similarities
+        and the id lookup labels validate against (seconds at a million rows;
+        a request meanwhile waits for the part it needs, no longer)."""
+        steps: list[tuple[str, Any]] = []
+        if self.searcher.capabilities.vector_column is not None:
+            steps.append(("map", self.map))
+        steps.append(("thresholds", lambda: self.thresholds.answer({"histograms": "0"}, "")))
+        if dup.missing_reason(self.cols) is None:
+            steps.append(("duplicates", lambda: (self.duplicates.removed(0.0), self.duplicates.partners())))
+        steps.append(("ids", lambda: self.cols.positions([])))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - the request that needs it reports it
+                log.debug("serve: warming %s failed: %s", name, exc)
+
     def default_eps(self, dedup_node: dict[str, Any]) -> float:
         """The eps the last task=dedup ran with, else the config's."""
         return float((self.duplicates.run.summary or {}).get("eps", dedup_node.get("eps")))
@@ -388,6 +406,8 @@ def make_app(output: str, *, settings: ServeSettings | None = None,
         root = searcher.layout.root if searcher.layout is not None else None
         filters = filter_settings(cfg, root, storage_options)
     view = RunView(searcher, searcher.layout, settings, storage_options, filters)
+    if settings.warm_up:
+        threading.Thread(target=view.warm_up, name="serve-warm-up", daemon=True).start()
     token = new_token()
     output_arg = str(output)
     templates = Jinja2Templates(directory=str(UI_DIR / "templates"))
@@ -565,7 +585,8 @@ def make_app(output: str, *, settings: ServeSettings | None = None,
             if column is not None and column not in m.colour_columns(view.score_columns):
                 raise ValueError(f"cannot colour by {column!r}; choose one of {m.colour_columns(view.score_columns)}")
             labels = view.labels.state() if column == "label" else None
-            out = m.answer(params.get("method", "pca"), column, tuple(box) if box else None, labels)
+            out = m.answer(params.get("method", "pca"), column, tuple(box) if box else None, labels,
+                           params.get("encoding", "lists"))
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         out["colours"] = m.colour_columns(view.score_columns)

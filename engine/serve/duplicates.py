@@ -254,28 +254,44 @@ class Duplicates:
         self._prepare()
         if self.mode == "components":
             return self._forest_groups(eps, limit, offset)
-        partner = self.partners()
-        n = len(partner)
-        with np.errstate(invalid="ignore"):
-            link = (self.sim >= 1.0 - eps) & (partner >= 0)
-        parent = np.where(link, partner, np.arange(n))
-        while True:  # pointer jumping: log(depth) passes
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
-        members = np.flatnonzero(link)
-        if not len(members):
+        # The links at this eps are the rows from the cut up (sorted once by
+        # similarity): the groups are the components of those links alone, so
+        # the work is the size of the answer, not of the table.
+        at = self.cut(eps)
+        rows = self.order[at:]
+        partner = self.partners()[rows]
+        linked = partner >= 0
+        rows, partner = rows[linked], partner[linked]
+        if not len(rows):
             return 0, []
-        roots, sizes = np.unique(parent[members], return_counts=True)
-        rank = np.lexsort((roots, -sizes))
-        chosen = roots[rank[offset:offset + limit]]
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        k = len(rows)
+        nodes, inverse = np.unique(np.r_[rows, partner], return_inverse=True)
+        graph = coo_matrix((np.ones(k, np.int8), (inverse[:k], inverse[k:])), shape=(len(nodes), len(nodes)))
+        count, label = connected_components(graph, directed=False)
+        sizes = np.bincount(label, minlength=count)
+        # Each row links to one higher-ranked row, so a group is a tree whose
+        # root (the kept clip) is the one member without a link of its own.
+        is_root = np.ones(len(nodes), dtype=bool)
+        is_root[inverse[:k]] = False
+        root_of = np.full(count, -1, dtype=np.int64)
+        root_of[label[is_root]] = nodes[is_root]
+        # A cycle (partners that name each other: not what dedup writes) has no root; show its smallest row.
+        cyclic = np.flatnonzero(root_of < 0)
+        if len(cyclic):
+            first = np.full(count, len(nodes), dtype=np.int64)
+            np.minimum.at(first, label, np.arange(len(nodes)))
+            root_of[cyclic] = nodes[first[cyclic]]
+        rank = np.lexsort((root_of, -sizes))[offset:offset + limit]
+        edge_group = label[inverse[:k]]
         out = []
-        for root, size in zip(chosen, sizes[rank[offset:offset + limit]]):
-            rows = members[parent[members] == root]
-            rows = rows[np.argsort(-self.sim[rows], kind="stable")]
-            out.append({"kept": self.cols.ids([root])[0], "size": int(size) + 1, "removed": self._pairs(rows)})
-        return len(roots), out
+        for g in rank:
+            members = rows[edge_group == g]
+            members = members[np.argsort(-self.sim[members], kind="stable")]
+            out.append({"kept": self.cols.ids([root_of[g]])[0], "size": int(sizes[g]), "removed": self._pairs(members)})
+        return int(count), out
 
     def _forest_groups(self, eps: float, limit: int, offset: int) -> tuple[int, list[dict[str, Any]]]:
         from scipy.sparse import coo_matrix

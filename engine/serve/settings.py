@@ -33,6 +33,7 @@ class ServeSettings:
     device: str
     max_body_bytes: int
     max_label_ids: int
+    warm_up: bool
     map: MapSettings
 
     @classmethod

@@ -70,6 +70,22 @@ def cli_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _distinct_rows(codes: list[np.ndarray], sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows of the code columns, each row's index into them). The
+    columns are folded into one int64 key where their sizes allow (a sort of
+    n integers; np.unique over rows sorts n tuples, several times slower)."""
+    span = 1
+    for size in sizes:
+        span *= size + 1
+    if span < 2 ** 62:
+        key = np.zeros(len(codes[0]), dtype=np.int64)
+        for c, size in zip(codes, sizes):
+            key = key * (size + 1) + (c + 1)
+        keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        return np.stack([c[first] for c in codes], axis=1), inverse
+    return np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)
+
+
 def parse_check_value(key: str, raw: str, base: Any) -> Any:
     """A check rule's setting from the panel: empty / "null" for none, a
     list of names ("complex, zoom_out") where the setting is a list (or the
@@ -100,6 +116,9 @@ class Thresholds:
         self._lock = threading.Lock()
         self._sorted: OrderedDict[tuple[Any, ...], _Sorted] = OrderedDict()
         self._checks: dict[tuple[Any, ...], np.ndarray] = {}
+        self._orders: dict[str, np.ndarray] = {}
+        self._histograms: dict[str, dict[str, Any]] = {}
+        self._fails: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._prepared = False
 
     # ------------------------------------------------------------ the data
@@ -164,7 +183,7 @@ class Thresholds:
             encoded = pc.dictionary_encode(table.column(c).combine_chunks())
             codes.append(pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64))
             uniques.append(encoded.dictionary.to_pylist())
-        combos, inverse = np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)
+        combos, inverse = _distinct_rows(codes, [len(u) for u in uniques])
         verdict = np.array([rule.check({c: (uniques[j][code] if code >= 0 else None)
                                         for j, (c, code) in enumerate(zip(rule.columns, combo))}, settings) is not None
                             for combo in combos.tolist()], dtype=bool)
@@ -197,12 +216,42 @@ class Thresholds:
             fails |= self._check_fails(rule, settings)
         return fails & self.ok
 
+    def _order_of(self, column: str) -> np.ndarray:
+        """Row positions of the column's numbers, ascending (NaN left out)."""
+        with self._lock:
+            if column in self._orders:
+                return self._orders[column]
+        v = self.vals[column]
+        at = np.flatnonzero(~np.isnan(v))
+        order = at[np.argsort(v[at], kind="stable")]
+        with self._lock:
+            self._orders[column] = order
+        return order
+
+    def _rule_fails_cached(self, rule: FilterRule, settings: Mapping[str, Any], skip: Bound | None) -> np.ndarray:
+        """`_rule_fails`, kept per rule and the values of its own keys: moving
+        one slider reuses every other rule's verdicts."""
+        # The skipped bound's own value does not count, only whether it is set (see `missing`).
+        key = (rule.name, skip.key if skip else None,
+               tuple(repr(setting(settings, k) is None) if skip and k == skip.key else repr(setting(settings, k))
+                     for k in rule.keys))
+        with self._lock:
+            if key in self._fails:
+                self._fails.move_to_end(key)
+                return self._fails[key]
+        fails = self._rule_fails(rule, settings, skip=skip)
+        with self._lock:
+            self._fails[key] = fails
+            while len(self._fails) > 4 * CACHE_ENTRIES:
+                self._fails.popitem(last=False)
+        return fails
+
     def kept_mask(self, settings: Mapping[str, Any]) -> np.ndarray:
         """Rows no rule fails and without error: `judge` gives them None."""
         self._prepare()
         kept = self.ok.copy()
         for rule in self.rules:
-            kept &= ~self._rule_fails(rule, settings)
+            kept &= ~self._rule_fails_cached(rule, settings, None)
         return kept
 
     # --------------------------------------------------------- the sliders
@@ -216,12 +265,13 @@ class Thresholds:
                 return self._sorted[key]
         keep = self.ok.copy()
         for rule in self.rules:
-            keep &= ~self._rule_fails(rule, settings, skip=slider.bound if rule is slider.rule else None)
+            keep &= ~self._rule_fails_cached(rule, settings, slider.bound if rule is slider.rule else None)
         v = self.vals[slider.bound.column]
         judged = keep & ~np.isnan(v) & self._gate_on(slider.rule, settings)
         free = keep & ~judged
-        at = np.flatnonzero(judged)
-        order = at[np.argsort(v[at], kind="stable")]
+        # The column's rows sorted once; here only those judged are picked out (no sort).
+        by_value = self._order_of(slider.bound.column)
+        order = by_value[judged[by_value]]
         entry = _Sorted(values=v[order], positions=order,
                         cum_s=np.concatenate([[0.0], np.cumsum(self.dur[order])]),
                         free=int(free.sum()), free_s=float(self.dur[free].sum()))
@@ -257,7 +307,17 @@ class Thresholds:
         return [{"clip_id": i, "value": v} for i, v in zip(ids, values)]
 
     def histogram(self, column: str) -> dict[str, Any]:
+        """The column's histogram over the clips without error (the same at every setting: kept once)."""
         self._prepare()
+        with self._lock:
+            if column in self._histograms:
+                return self._histograms[column]
+        answer = self._histogram(column)
+        with self._lock:
+            self._histograms[column] = answer
+        return answer
+
+    def _histogram(self, column: str) -> dict[str, Any]:
         v = self.vals[column][self.ok]
         v = v[np.isfinite(v)]
         if not len(v):
