@@ -172,6 +172,8 @@ class RunView:
         self._lock = threading.Lock()
         self._map: mapview.MapView | None = None
         self.map_source: str | None = None
+        self.warmed = threading.Event()  # set once warm_up is done (benchmarks wait for it)
+        self.warm_s: float | None = None
 
     @cached_property
     def thresholds(self) -> Thresholds:
@@ -207,11 +209,14 @@ class RunView:
         if dup.missing_reason(self.cols) is None:
             steps.append(("duplicates", lambda: (self.duplicates.removed(0.0), self.duplicates.partners())))
         steps.append(("ids", lambda: self.cols.positions([])))
+        started = time.perf_counter()
         for name, step in steps:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - the request that needs it reports it
                 log.debug("serve: warming %s failed: %s", name, exc)
+        self.warm_s = time.perf_counter() - started
+        self.warmed.set()
 
     def default_eps(self, dedup_node: dict[str, Any]) -> float:
         """The eps the last task=dedup ran with, else the config's."""
