@@ -41,10 +41,12 @@ class FakeFrame:
         return self._pts
 
 
-def fake_pynvvideocodec(*, pts_shift: int = 0, drop_at: int | None = None) -> types.ModuleType:
+def fake_pynvvideocodec(*, pts_shift: int = 0, drop_at: int | None = None,
+                        fail_at: int | None = None) -> types.ModuleType:
     """A PyNvVideoCodec whose SimpleDecoder yields PyAV's frames as NV12;
     `pts_shift` / `drop_at` make it disagree with the source (at the start /
-    from frame `drop_at` on), as a decoder that misreads a file would."""
+    from frame `drop_at` on), as a decoder that misreads a file would, and
+    `fail_at` makes it raise there, as a driver error does."""
     module = types.ModuleType("PyNvVideoCodec")
     module.__spec__ = importlib.machinery.ModuleSpec("PyNvVideoCodec", None)
     module.OutputColorType = types.SimpleNamespace(NATIVE="native", RGB="rgb")
@@ -68,6 +70,8 @@ def fake_pynvvideocodec(*, pts_shift: int = 0, drop_at: int | None = None) -> ty
             out = []
             for frame in self.frames:
                 index, self.index = self.index, self.index + 1
+                if fail_at is not None and index == fail_at:
+                    raise RuntimeError("cuvidMapVideoFrame failed: CUDA_ERROR_LAUNCH_FAILED")
                 if drop_at is not None and index == drop_at:
                     continue
                 out.append(FakeFrame(frame.reformat(format="nv12").to_ndarray(), frame.pts + pts_shift))
@@ -191,6 +195,23 @@ def test_a_decoder_that_loses_a_frame_later_fails_the_clips_instead_of_shifting_
         assert clip["mp4"] is None
         assert clip["error"].startswith("decode failed at frame 40: NvdecError: NVDEC gave pts")
         assert "for frame 40" in clip["error"]
+
+
+@pytest.mark.parametrize("fail_at, falls_back", [(0, True), (96, False)])
+def test_a_decoder_that_raises_costs_the_video_its_nvdec_not_the_batch(gpu, good_videos, fail_at, falls_back):
+    """A driver error before any frame is handed on: the CPU decodes the
+    video. After: its open clips fail as with any decode error (a
+    ValueError recorded on the rows, not an exception that fails the task)."""
+    gpu(fail_at=fail_at)
+    table = plan(str(good_videos["hd_30fps_23s.mp4"]))
+    clips = transcode(table, "nvdec", preview={"enabled": False})
+    if falls_back:
+        assert [c["error"] for c in clips] == [None, None, None] and nvdec.stats == {"cpu": 1}
+        assert "NVDEC failed at frame 0 (RuntimeError: cuvidMapVideoFrame failed" in next(iter(nvdec.fallbacks))
+    else:
+        for clip in clips:  # frame 96 of a batch of 8 that NVDEC could not deliver
+            assert clip["error"] == ("decode failed at frame 96: NvdecError: NVDEC failed at frame 96 (RuntimeError: "
+                                     "cuvidMapVideoFrame failed: CUDA_ERROR_LAUNCH_FAILED)")
 
 
 def test_sources_nvdec_cannot_take_are_decoded_on_the_cpu(gpu, good_videos, tmp_path, caplog):

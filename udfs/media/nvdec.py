@@ -248,7 +248,13 @@ class NvdecFrames:
                 heapq.heappush(self._pts, int(packet.pts))
         out: list[av.VideoFrame] = []
         while len(self._pts) > (0 if flush else REORDER):
-            got = self._next()
+            try:
+                got = self._next()
+            except Exception as exc:  # noqa: BLE001 - whatever NVDEC or the driver raises
+                reason = f"NVDEC failed at frame {self.frames} ({type(exc).__name__}: {exc})"
+                if self._held is not None:
+                    return self._mismatch(packet, reason)
+                raise NvdecError(reason) from exc
             expected = heapq.heappop(self._pts)
             if got is None or got[0] != expected:
                 seen = "no frame" if got is None else f"pts {got[0]}"
