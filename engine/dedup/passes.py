@@ -20,7 +20,7 @@ from ray.data.expressions import col
 
 from engine.dedup.files import BOUNDARY_SCHEMA
 from engine.dedup.source import DedupSource
-from engine.runtime.stages import StageStep, actor_pool, apply_stage, check_gpus
+from engine.runtime.stages import StageStep, actor_pool, apply_stage, check_gpus, worker_slots
 from engine.runtime.timing import start_clock, timed
 from udfs.schema import DEDUP_ASSIGN_SCHEMA, DEDUP_PAIRWISE_SCHEMA
 
@@ -70,7 +70,8 @@ def assign_and_compare(cfg: DictConfig, source: DedupSource, centroids, dim: int
         if where:
             scan["filter"] = where  # Lance SQL, applied by Lance's scanner
         data = ray.data.read_lance(source.uri, version=source.version, columns=[source.id_column, source.vector_column],
-                                   storage_options=source.storage_options, scanner_options=scan)
+                                   storage_options=source.storage_options, scanner_options=scan,
+                                   override_num_blocks=read_blocks(source, assign_step, cpus, gpus))
         assigned = apply_stage(data, assign_step, clock_name, cpus, gpus).materialize()
         skipped, boundary, count, touched = _assigned_facts(assigned)
         phase_s["assign_s"] = time.perf_counter() - t
@@ -96,6 +97,17 @@ def assign_and_compare(cfg: DictConfig, source: DedupSource, centroids, dim: int
         ray.kill(clock)
     return PassOutput(rows=rows, boundary=boundary, assigned=count, skipped=skipped,
                       old_rows=0 if old is None else old.num_rows, stage_times=stage_times, phase_s=phase_s)
+
+
+def read_blocks(source: DedupSource, step: StageStep, cpus: float, gpus: float) -> int | None:
+    """How many blocks the read makes: one per fragment when there are at
+    least as many fragments as assignment workers. Ray Data fuses the read
+    with the assignment tasks only when it does not split the read's blocks
+    further (its default asks for ~200 blocks), and fused, the vectors go
+    from Lance into the matmul instead of through the object store. With
+    fewer fragments (small tables) the split gives the workers more to share."""
+    fragments = len(source.dataset.get_fragments())
+    return fragments if fragments >= max(1, worker_slots(step, cpus, gpus)) else None
 
 
 def _assigned_facts(assigned: ray.data.Dataset) -> tuple[dict[str, int], pa.Table, int, np.ndarray]:

@@ -377,7 +377,8 @@ def assign(x: np.ndarray | torch.Tensor, centroids: np.ndarray, *, device: str |
     `margin`, nearest bisector first (int32, -1 for none; `boundary_margin`)."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
+    # Centroids shipped to a Ray task arrive as a read-only view; nothing writes to them.
+    c = read_only_tensor(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
     xt = (x if isinstance(x, torch.Tensor) else read_only_tensor(np.asarray(x, dtype=np.float32))).to(dev)
     inv = None if norms is None else (1.0 / torch.from_numpy(np.asarray(norms, dtype=np.float32))).to(dev)
     found = _Nearest(c, dt, margin, extra)(xt, inv)
