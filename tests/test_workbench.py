@@ -666,3 +666,20 @@ def test_labels_survive_dedup_index_and_curate_reruns(embedded_output, video_dir
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                           cwd=str(Path(__file__).resolve().parent.parent))
     assert done.stdout.split()[-3:] == ["True", str(curated - 1), str(curated)], done.stderr[-2000:]
+
+
+def test_umap_joins_the_map_when_umap_learn_is_installed(tmp_path):
+    """The optional projection (umap-learn is not a dependency: skipped without it)."""
+    pytest.importorskip("umap")
+    ds = synthetic(tmp_path, n=600)
+    args = dict(vector_column="embedding", id_column="clip_id", fit_rows=400, seed=0, storage_options=None, write=True)
+    pca_only, source = ensure(ds, ds.uri, umap=False, **args)
+    assert source == "computed" and "umap_x" not in pca_only.column_names
+    # A map stored without UMAP is projected again once umap-learn is there ...
+    proj, source = ensure(ds, ds.uri, umap="auto", **args)
+    assert source == "computed" and {"umap_x", "umap_y"} <= set(proj.column_names)
+    assert np.isfinite(proj.column("umap_x").to_numpy()).all()
+    # ... and then read as it is.
+    assert ensure(ds, ds.uri, umap="auto", **args)[1] == "stored"
+    view = MapView(TableColumns(ds, "clip_id"), proj, max_points=1000, bins=16)
+    assert view.answer("umap", None, None, None)["n"] == 600 and view.methods == ["pca", "umap"]

@@ -174,7 +174,9 @@ def ensure(ds: lance.LanceDataset, table_uri: str, *, vector_column: str, id_col
     pyarrow's form."""
     uri = projection_uri(table_uri)
     stored = _read(uri, storage_options)
-    if stored is not None and is_current(stored, ds, vector_column, id_column):
+    wants_umap = umap is True or (umap == "auto" and umap_available())
+    if stored is not None and is_current(stored, ds, vector_column, id_column) and \
+            (not wants_umap or "umap_x" in stored.column_names):  # umap-learn installed since: project again
         return stored, "stored"
     log.info("map: projecting %s (%s)", vector_column, "stale" if stored is not None else "first use")
     table = compute(ds, vector_column, id_column, fit_rows=fit_rows, seed=seed, umap=umap)
