@@ -422,6 +422,13 @@ def test_read_only_and_remote_binding(embedded_output):
         status, body = post_label(url, token, {"clip_ids": ["x"], "label": "reject"})
         assert status == 403 and "read-only" in body["error"]
     assert not (embedded_output / "labels.lance").exists()
+    # Bound to every interface with allow_remote: the machine's own names and addresses are Hosts too.
+    with BackgroundServer(make_app(str(embedded_output), read_only=True, host="0.0.0.0", allow_remote=True)) as url:
+        assert request(f"{url}/api/overview", headers={"Host": "curation-box.lan:8000"})[0] == 200
+    # Bound to one address: that address and the local names only.
+    with BackgroundServer(make_app(str(embedded_output), read_only=True, host="10.1.2.3", allow_remote=True)) as url:
+        assert request(f"{url}/api/overview", headers={"Host": "10.1.2.3:8000"})[0] == 200
+        assert request(f"{url}/api/overview", headers={"Host": "evil.example"})[0] == 403
     base = ServeSettings.from_config(default_config().serve)
     with pytest.raises(RemoteRefused, match="allow_remote"):
         check_host(ServeSettings.from_config({**default_config().serve, "host": "0.0.0.0"}))

@@ -77,6 +77,7 @@ MAX_VIDEO_CHOICES = 1000
 MEDIA = {"clip.mp4": ("mp4", "video/mp4"), "preview.webp": ("preview_webp", "image/webp")}
 LABEL_FILTERS = ("any", "accept", "reject", "unlabelled", "hide-rejected")
 MAX_TEXT = 1000  # characters of a tag or a note
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 # --------------------------------------------------------------- the model
@@ -716,7 +717,8 @@ def make_app(output: str, *, settings: ServeSettings | None = None,
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal_error})
     app.state.searcher = searcher
     app.state.view = view
-    guarded = Guard(app, bound_host=settings.host, token=token, max_body=settings.max_body_bytes)
+    guarded = Guard(app, bound_host=settings.host, token=token, max_body=settings.max_body_bytes,
+                    any_host=settings.allow_remote and settings.host in WILDCARD_HOSTS)
     guarded.state = app.state  # tests and notebooks reach the view through either
     guarded.token = token
     return guarded
@@ -823,8 +825,10 @@ def check_host(settings: ServeSettings) -> None:
         raise RemoteRefused(f"serve.host={settings.host} would let anyone who can reach this machine browse and "
                             "label the output: the UI has no authentication. Set serve.allow_remote=true to "
                             "do it anyway (or serve.read_only=true as well, to refuse writes)")
-    log.warning("serve: listening on %s with NO AUTHENTICATION: anyone who can reach it can browse the output%s",
-                settings.host, "" if settings.read_only else " and write labels (serve.read_only=true refuses them)")
+    log.warning("serve: listening on %s with NO AUTHENTICATION: anyone who can reach it can browse the output%s%s",
+                settings.host, "" if settings.read_only else " and write labels (serve.read_only=true refuses them)",
+                "; every Host header is accepted (no DNS-rebinding check on a wildcard bind)"
+                if settings.host in WILDCARD_HOSTS else "")
 
 
 def run(cfg: Any) -> dict[str, Any]:

@@ -47,8 +47,12 @@ class Guard:
     size on writes (see the module docstring)."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, bound_host: str, token: str, max_body: int,
-                 extra_hosts: Iterable[str] = ()) -> None:
+                 extra_hosts: Iterable[str] = (), any_host: bool = False) -> None:
         self.app = app
+        # Bound to every interface with serve.allow_remote: the machine is
+        # reached by names and addresses we cannot list, so any Host goes (as
+        # Jupyter's allow_remote_access); the token still guards writes.
+        self.any_host = any_host
         self.token = token
         self.max_body = max_body
         self.hosts = {host_name(h) for h in (bound_host, *LOCAL_NAMES, *extra_hosts) if h}
@@ -61,7 +65,7 @@ class Guard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = headers.get("host", "")
-        if host_name(host) not in self.hosts:
+        if not self.any_host and host_name(host) not in self.hosts:
             await _refuse(send, 403, f"Host {host!r} is not this server's (DNS rebinding?); open it as "
                                      "http://127.0.0.1:PORT/ or the host it was bound to")
             return
