@@ -206,9 +206,9 @@ class RunView:
         steps: list[tuple[str, Any]] = []
         if self.searcher.capabilities.vector_column is not None:
             steps.append(("map", self.map))
-        steps.append(("thresholds", lambda: self.thresholds.answer({"histograms": "0"}, "")))
+        steps.append(("thresholds", lambda: self.thresholds.answer({}, "")))
         if dup.missing_reason(self.cols) is None:
-            steps.append(("duplicates", lambda: (self.duplicates.removed(0.0), self.duplicates.partners())))
+            steps.append(("duplicates", lambda: (self.duplicates.histogram(), self.duplicates.partners())))
         steps.append(("ids", lambda: self.cols.positions([])))
         started = time.perf_counter()
         for name, step in steps:

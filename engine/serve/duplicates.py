@@ -113,6 +113,7 @@ class Duplicates:
         self._lock = threading.Lock()
         self._ready = False
         self._partner: np.ndarray | None = None
+        self._histogram: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ the data
     def _prepare(self) -> None:
@@ -319,8 +320,14 @@ class Duplicates:
         return int(count), out
 
     def histogram(self) -> dict[str, Any]:
+        """dedup_max_sim's histogram (of the table, at no eps: kept once)."""
         self._prepare()
-        v = self.sorted
+        if self._histogram is None:
+            self._histogram = self._histogram_of(self.sorted)
+        return self._histogram
+
+    @staticmethod
+    def _histogram_of(v: np.ndarray) -> dict[str, Any]:
         if not len(v):
             return {"lo": None, "hi": None, "counts": []}
         lo = float(v[0])
