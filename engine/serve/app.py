@@ -200,8 +200,9 @@ class RunView:
 
     def warm_up(self) -> None:
         """Read what the panels answer from while nobody waits yet: the map,
-        the thresholds' columns and first sorted array, dedup's similarities
-        and the id lookup labels validate against (seconds at a million rows;
+        the thresholds' columns and histograms, dedup's similarities, the id
+        lookup labels validate against, then every slider column's sort
+        (seconds at a million rows;
         a request meanwhile waits for the part it needs, no longer)."""
         steps: list[tuple[str, Any]] = []
         if self.searcher.capabilities.vector_column is not None:
@@ -210,6 +211,7 @@ class RunView:
         if dup.missing_reason(self.cols) is None:
             steps.append(("duplicates", lambda: (self.duplicates.histogram(), self.duplicates.partners())))
         steps.append(("ids", lambda: self.cols.positions([])))
+        steps.append(("slider sorts", lambda: self.thresholds.prepare_sorts()))
         started = time.perf_counter()
         for name, step in steps:
             try:

@@ -228,6 +228,13 @@ class Thresholds:
             self._orders[column] = order
         return order
 
+    def prepare_sorts(self) -> None:
+        """Sort every slider's column now (the server's warm-up), so a slider
+        taking the focus picks its rows out of a sorted array, no sort."""
+        self._prepare()
+        for column in dict.fromkeys(s.bound.column for s in self.sliders):
+            self._order_of(column)
+
     def _rule_fails_cached(self, rule: FilterRule, settings: Mapping[str, Any], skip: Bound | None) -> np.ndarray:
         """`_rule_fails`, kept per rule and the values of its own keys: moving
         one slider reuses every other rule's verdicts."""
