@@ -626,6 +626,24 @@ def test_the_workbench_in_a_real_browser(deduped, tmp_path):
             "fetch('/api/labels', {method: 'POST', headers: {'Content-Type': 'application/json'},"
             " body: JSON.stringify({clip_ids: [arguments[0]], label: 'accept'})}).then(r => done(r.status));", victim)
         assert status == 403 and label_rows(out) == rows == 2
+        # -- Past serve.map.max_points the page draws bins (base64 typed arrays) instead of points.
+        import dataclasses
+
+        from engine.serve.settings import ServeSettings, default_config
+
+        base = ServeSettings.from_config(default_config().serve)
+        few = dataclasses.replace(base, map=dataclasses.replace(base.map, max_points=2, bins=8), read_only=True)
+        with BackgroundServer(make_app(str(out), settings=few)) as binned_url:
+            driver.get(binned_url + "/map")
+            wait.until(ready)
+            assert "bins" in driver.find_element(By.ID, "map-status").text
+            counted = driver.execute_script("const d = window.reelsiftMap.data(); return d.count.reduce((a, b) => a + b, 0);")
+            assert counted == 6
+            assert driver.execute_script(
+                "const c = document.getElementById('map'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;") > 100
+            driver.save_screenshot(str(shots / "map_bins.png"))
+
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/labels" not in e["message"]]
         assert not errors, errors
     finally:
