@@ -153,6 +153,7 @@ def run_task(table: Path, out: Path, overrides: list[str]) -> dict:
             "phases_s": summary["wall_s"], "n_clusters": summary["run"]["n_clusters"],
             "fit_rows": summary["run"]["fit_rows"], "kmeans": summary["run"]["kmeans"],
             "cluster_sizes": summary["run"]["cluster_sizes"], "mode": summary["mode"],
+            "runner": summary["run"].get("runner"),
             "boundary_members": summary["run"].get("boundary_members"), "edges": summary["run"].get("edges"),
             **score(t.column("planted_group").to_numpy(), duplicate)}
 
@@ -303,7 +304,7 @@ def print_table(r: dict) -> None:
     print("| | wall s | peak RSS GB (summed) | peak PSS GB | groups keeping exactly one | pair recall | precision "
           "| removed / planted extras |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = [(f"reelsift task=dedup mode={mode}", x) for mode, x in runs.items()]
+    rows = [(f"reelsift task=dedup mode={mode} (runner {x['runner']})", x) for mode, x in runs.items()]
     for name, x in (*rows, ("by hand (faiss + numpy SemDeDup)", h)):
         print(f"| {name} | {x['wall_s']:.1f} | {x['peak_rss_gb']:.2f} | {x['peak_pss_gb']:.2f} | "
               f"{x['groups_keeping_one']:.4f} | {x['recall']:.4f} | {x['precision']:.4f} | "

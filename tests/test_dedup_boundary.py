@@ -175,3 +175,28 @@ def test_incremental_on_a_grown_table_equals_a_full_run(tmp_path, ray_session, k
     assert all(after[f] == before[f] for f in before if f not in written)
     stored = json.loads((tmp_path / "out" / "dedup" / "summary.json").read_text())
     assert stored["deduped"]["fragments"] == sorted(after)
+
+
+def test_local_and_ray_runners_agree(tmp_path, ray_session):
+    """dedup.runner=local (one process, no Ray) and dedup.runner=ray (Ray Data
+    passes) compute the same clusters, groups, duplicates and partners."""
+    x, group = straddling(seed=5)
+    tables = {}
+    for runner in ("local", "ray"):
+        path = tmp_path / f"{runner}.lance"
+        write(path, x, group)
+        summary = run(config(f"output={tmp_path / runner}", f"dedup.table={path}", f"dedup.runner={runner}",
+                             "dedup.kmeans.n_clusters=8", f"dedup.eps={EPS}"))
+        assert summary["run"]["runner"] == runner and summary["run"]["boundary_members"] > 0
+        tables[runner] = (summary, lance.dataset(str(path)).to_table(
+            columns=["clip_id", "dedup_cluster", "dedup_centroid_dist", "dedup_max_sim", "dedup_max_id",
+                     "dedup_group", "duplicate"]))
+    (local, a), (ray_, b) = tables["local"], tables["ray"]
+    for name in ("clip_id", "dedup_cluster", "dedup_max_id", "dedup_group", "duplicate"):
+        assert a.column(name).equals(b.column(name)), name
+    for name in ("dedup_centroid_dist", "dedup_max_sim"):
+        np.testing.assert_allclose(a.column(name).to_numpy(zero_copy_only=False),
+                                   b.column(name).to_numpy(zero_copy_only=False), atol=1e-6)
+    assert local["run"]["edges"] == ray_["run"]["edges"] > 0
+    assert local["run"]["boundary_members"] == ray_["run"]["boundary_members"]
+    assert local["removed"] == ray_["removed"] > 0

@@ -113,9 +113,15 @@ def read_blocks(source: DedupSource, step: StageStep, cpus: float, gpus: float) 
 def _assigned_facts(assigned: ray.data.Dataset) -> tuple[dict[str, int], pa.Table, int, np.ndarray]:
     """(skipped rows by reason, boundary memberships, primary rows assigned,
     clusters reached) from the small columns of the assignment."""
-    names = ["_rowid", "cluster", "centroid_dist", "skip", "primary"]
-    tables = ray.get(assigned.select_columns(names).to_arrow_refs())
-    t = pa.concat_tables([DEDUP_ASSIGN_SCHEMA.empty_table().select(names), *tables])
+    tables = ray.get(assigned.select_columns(FACT_COLUMNS).to_arrow_refs())
+    return assigned_facts(pa.concat_tables([DEDUP_ASSIGN_SCHEMA.empty_table().select(FACT_COLUMNS), *tables]))
+
+
+FACT_COLUMNS = ["_rowid", "cluster", "centroid_dist", "skip", "primary"]
+
+
+def assigned_facts(t: pa.Table) -> tuple[dict[str, int], pa.Table, int, np.ndarray]:
+    """`_assigned_facts` of a table of assignment rows (FACT_COLUMNS at least)."""
     primary = t.column("primary")
     skipped_rows = t.filter(pc.less(t.column("cluster"), 0))
     counts = pc.value_counts(skipped_rows.column("skip").combine_chunks()) if skipped_rows.num_rows else []

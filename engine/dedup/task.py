@@ -7,9 +7,10 @@
 1. samples `dedup.kmeans.fit_fraction` of the considered rows (`dedup.where`,
    by default the curated view) and fits k-means to them (engine.dedup.fit);
 2. assigns every row to its nearest centroid, and with `dedup.mode=components`
-   a row near a boundary also to the cluster across it (engine.dedup.passes);
-3. compares members within each cluster (a Ray Data groupby) and keeps the
-   duplicate edges;
+   a row near a boundary also to the cluster across it;
+3. compares members within each cluster and keeps the duplicate edges
+   (2 and 3: Ray Data map_batches and groupby, engine.dedup.passes; or in
+   this process when `dedup.runner` allows, engine.dedup.local);
 4. decides at `dedup.eps` (engine.dedup.groups): components of the edges with
    exactly one kept each, or SemDeDup's rule with `dedup.mode=semdedup`;
 5. writes CLIP_DEDUP_FIELDS into the table in one new Lance version, and its
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import time
 from typing import Any
@@ -37,6 +39,7 @@ from engine.dedup import incremental
 from engine.dedup.files import DedupFiles, pruning_table
 from engine.dedup.fit import fit_kmeans, resolve_n_clusters, sample_for_fit
 from engine.dedup.groups import MODES, Decision, decide, global_rank, merge_pairwise, pairwise_edges
+from engine.dedup.local import assign_and_compare_local, runs_locally
 from engine.dedup.passes import SHUFFLES, assign_and_compare
 from engine.dedup.source import DEDUP_COLUMNS, DedupSource
 from engine.runtime.ray_session import cluster_resources, ensure_ray
@@ -53,7 +56,7 @@ __all__ = ["run", "pruning_table", "resolve_n_clusters"]
 # Keys of dedup.kmeans the engine uses itself (the rest go to KMeans).
 KMEANS_ENGINE_KEYS = ("fit_fraction", "min_rows_per_cluster", "resources")
 # Settings that do not change what a full run computes.
-NOT_FINGERPRINTED = ("eps", "eps_table", "incremental")
+NOT_FINGERPRINTED = ("eps", "eps_table", "incremental", "runner", "local_max_gb")
 
 
 class Plan:
@@ -257,15 +260,23 @@ def _compute(cfg: DictConfig, source: DedupSource, plan: Plan):
     sample = sample_for_fit(source, kmeans_node, int(dcfg.seed))
     timings["sample_s"] = time.perf_counter() - t
 
-    ensure_ray(cfg.ray, progress_bars=bool(cfg.log.ray_progress))
-    cpus, gpus = cluster_resources()
+    here = runs_locally(cfg, sample.matched, sample.dim)
+    if here:
+        cpus, gpus = float(os.cpu_count() or 1), 0.0  # no Ray: the passes run in this process
+    else:
+        ensure_ray(cfg.ray, progress_bars=bool(cfg.log.ray_progress))
+        cpus, gpus = cluster_resources()
     params = {key: v for key, v in stage_params(kmeans_node).items() if key not in KMEANS_ENGINE_KEYS}
     t = time.perf_counter()
     fit = fit_kmeans(sample.x, {**params, "n_clusters": sample.k}, kmeans_node.get("resources") or {}, gpus)
     timings["fit_s"] = time.perf_counter() - t
 
-    out = assign_and_compare(cfg, source, fit.centroids, sample.dim, cpus, gpus, margin=plan.margin,
-                             edge_sim=plan.edge_sim)
+    if here:
+        out = assign_and_compare_local(cfg, source, fit.centroids, sample.dim, margin=plan.margin,
+                                       edge_sim=plan.edge_sim, matched=sample.matched)
+    else:
+        out = assign_and_compare(cfg, source, fit.centroids, sample.dim, cpus, gpus, margin=plan.margin,
+                                 edge_sim=plan.edge_sim)
     timings.update(out.phase_s)
     t = time.perf_counter()
     results = merge_pairwise(out.rows)
@@ -289,6 +300,7 @@ def _compute(cfg: DictConfig, source: DedupSource, plan: Plan):
         "edges_eps": plan.edges_eps,
         "edges": None if edges is None else int(edges.num_rows),
         "stages": out.stage_times,
+        "runner": "local" if here else "ray",
         "incremental": None,
     }
     return results, edges, out.boundary, info, timings, fit.centroids

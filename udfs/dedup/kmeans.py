@@ -442,6 +442,10 @@ class KMeansAssign:
         set_threads(threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.memberships(batch)[0]
+
+    def memberships(self, batch: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        """The output rows and, for each, the position of its input row."""
         n = batch.num_rows
         # Raw rows and their norms: the scores are scaled instead of copying
         # every vector into a normalised array.
@@ -470,4 +474,4 @@ class KMeansAssign:
             pa.array(reason[rows].tolist(), pa.string()),
             pa.array(primary),
             pa.array(np.full(len(rows), self.new)),
-        ], schema=DEDUP_ASSIGN_SCHEMA)
+        ], schema=DEDUP_ASSIGN_SCHEMA), rows

@@ -322,16 +322,19 @@ class ClusterPairwise:
         return x
 
     def __call__(self, group: pa.Table) -> pa.Table:
-        n = group.num_rows
-        if n == 0:
+        if group.num_rows == 0:
             return DEDUP_PAIRWISE_SCHEMA.empty_table()
+        return self.compare_group(group, self.vectors(group))
+
+    def compare_group(self, group: pa.Table, x: np.ndarray) -> pa.Table:
+        """`__call__` on a group whose unit vectors `x` (one per row) are at hand."""
+        n = group.num_rows
         cluster = int(group.column("cluster")[0].as_py())
         ids = np.asarray(group.column("id").to_pylist(), dtype=object)
         dist = group.column("centroid_dist").to_numpy(zero_copy_only=False).astype(np.float32)
         primary = group.column("primary").to_numpy(zero_copy_only=False).astype(bool)
         new = group.column("new").to_numpy(zero_copy_only=False).astype(bool)
-        max_sim, max_pos, (ei, ej, es) = self.core.compare(self.vectors(group), ids, dist, primary, new, cluster,
-                                                           self.edge_sim)
+        max_sim, max_pos, (ei, ej, es) = self.core.compare(x, ids, dist, primary, new, cluster, self.edge_sim)
         rowid = group.column("_rowid").to_numpy().astype(np.uint64)
         has_edge = np.bincount(ei, minlength=n) > 0
         out = np.flatnonzero((primary & new) | (max_pos >= 0) | has_edge)
