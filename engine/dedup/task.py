@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import time
 from typing import Any
 
