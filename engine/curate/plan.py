@@ -19,6 +19,7 @@ from engine.runtime.stages import StageStep, fit_to_cluster, node_dict, stage_pa
 from engine.store import outputs
 from udfs import registry
 from udfs.media.encoders import EncoderChoice, EncoderUnavailable, choose_encoder
+from udfs.media.nvdec import DecoderChoice, NvdecUnavailable, choose_decoder
 from udfs.schema import CLIP_FILTER_FIELDS, clip_schema
 from udfs.spec import StageSpec
 from udfs.uris import READ_RETRIES_KEY
@@ -252,4 +253,28 @@ def check_encoder(transcode: StageStep) -> EncoderChoice:
                                      "transcode.resources.num_gpus (e.g. 0.25), or use libx264")
         return EncoderChoice(requested, "libx264", f"NVENC unusable: {why}; encoding with libx264 on the CPUs")
     probe = ray.remote(num_gpus=transcode.num_gpus, num_cpus=0)(choose_encoder)
+    return ray.get(probe.remote(requested))
+
+
+def _probe_decoder(requested: str) -> DecoderChoice:
+    return choose_decoder(requested)
+
+
+def check_decoder(transcode: StageStep) -> DecoderChoice:
+    """The source decoder the transcode workers will get, found out as
+    `check_encoder` finds the encoder: where they run, before any video is
+    decoded. `nvdec` without PyNvVideoCodec or a GPU there fails here;
+    `auto` records why it decodes on the CPUs. Each worker chooses again
+    for itself, and a video NVDEC cannot take still goes to the CPUs."""
+    requested = str(transcode.params["decode"])
+    if requested == "cpu":
+        return choose_decoder(requested)
+    if transcode.num_gpus <= 0:
+        # Ray hides every GPU from a task that asks for none.
+        why = "the transcode workers ask for no GPU (transcode.resources.num_gpus=0), so they see none"
+        if requested == "nvdec":
+            raise NvdecUnavailable(f"transcode.decode=nvdec cannot run: {why}; set "
+                                   "transcode.resources.num_gpus (e.g. 0.02), or use decode=auto or cpu")
+        return DecoderChoice(requested, "cpu", f"NVDEC unusable: {why}; decoding on the CPUs")
+    probe = ray.remote(num_gpus=transcode.num_gpus, num_cpus=0)(_probe_decoder)
     return ray.get(probe.remote(requested))

@@ -33,8 +33,8 @@ from engine.curate import report
 from engine.curate.commits import CommitPolicy, OutputStore, Progress, ready_rows
 from engine.curate.input_chunks import InputChunks
 from engine.curate.ledger import drain_reports, report_uncut, reporting, start_ledger
-from engine.curate.plan import (StagePlan, admission, check_encoder, encoder_threads, plan_stages, table_metadata,
-                                transcode_batch)
+from engine.curate.plan import (StagePlan, admission, check_decoder, check_encoder, encoder_threads, plan_stages,
+                                table_metadata, transcode_batch)
 from engine.curate.progress import RunProgress
 from engine.curate.resume import SETTINGS_KEY, ResumeError, check_resumable, clip_settings, encode, resume_mode
 from engine.export import check_export_target, write_exports
@@ -147,6 +147,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_gpus(plan.steps, gpus)
     encoder = check_encoder(plan.transcode)
     log.info("transcode encoder: %s (%s)", encoder.encoder, encoder.why)
+    decoder = check_decoder(plan.transcode)
+    log.info("transcode decode: %s (%s)", decoder.decoder, decoder.why)
     limit, chunk = admission(cfg, cpus, gpus, plan)
     state = CurateRun(cfg=cfg, store=store, run_id=run_id, started=started, cpus=cpus, gpus=gpus, limit=limit)
     state.ledger = start_ledger(state.ledger_name, limit)
@@ -180,6 +182,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
              "orphan_bytes_removed": removed, "compaction": compacted, **stream},
     )
     summary["encoder"] = encoder.as_dict()
+    summary["decode"] = decoder.as_dict()
     summary["error_groups"] = report.group_errors(summary["errors"])
     summary["filter_reasons"] = report.filter_reasons(stats["filter_reason"]) if stats.height else {}
     outputs.write_summary(summary, layout, storage_options)

@@ -11,7 +11,7 @@ STAGES = [
     # previews and quality signals come from the same decode (the `motion`,
     # `preview` and `quality` nodes feed it).
     StageSpec(node="transcode", impl="udfs.media.transcode:ClipTranscoder", level="clip", step="transcode",
-              runtime_keys=frozenset({"threads", "thread_type", "decode_threads", "video_workers"}),
+              runtime_keys=frozenset({"threads", "thread_type", "decode_threads", "decode", "video_workers"}),
               supplied=("preview", "motion", "quality", "storage_options")),
     StageSpec(node="preview", impl=None, level="clip", switch=("enabled", False)),
 ]
