@@ -97,3 +97,16 @@ def test_the_gpu_node_experiment_gives_the_models_the_gpus_and_the_encode_the_cp
     models = sum(cfg[n].resources.num_gpus * cfg[n].resources.concurrency for n in ("split", "embed"))
     assert models + 200 * cfg.transcode.resources.num_gpus <= 8
 
+
+
+def test_a_small_gpu_share_does_not_count_more_workers_than_the_cpus_hold():
+    from engine.runtime.stages import StageStep, worker_slots
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=gpu_node", "input=x", "output=y"])
+    transcode = StageStep.from_node("transcode", "udfs.media.transcode:ClipTranscoder",
+                                    {"resources": cfg.transcode.resources})
+    assert (transcode.num_cpus, transcode.num_gpus) == (1, 0.02)
+    # 8 GPUs / 0.02 would be 400 slots; a node of 96 CPUs runs 96 one-CPU transcode tasks.
+    assert worker_slots(transcode, cpus=96, gpus=8) == 96
+    assert worker_slots(transcode, cpus=96, gpus=0.1) == 5  # here the GPU token is the bound

@@ -91,10 +91,14 @@ class StageStep:
 
 
 def worker_slots(step: StageStep, cpus: float, gpus: float) -> int:
-    """How many of `step`'s workers the cluster holds at once (0 when not one)."""
+    """How many of `step`'s workers the cluster holds at once (0 when not one):
+    the fewer of its GPU and CPU slots, so a small GPU share (a decode token
+    of 0.02) does not count hundreds of workers the CPUs cannot run."""
+    by_cpu = int(cpus // step.num_cpus) if step.num_cpus > 0 else int(cpus)
     if step.num_gpus > 0:
-        return int(gpus // step.num_gpus)
-    return int(cpus // step.num_cpus) if step.num_cpus > 0 else int(cpus)
+        by_gpu = int(gpus // step.num_gpus)
+        return min(by_gpu, by_cpu) if step.num_cpus > 0 else by_gpu
+    return by_cpu
 
 
 def actor_pool(step: StageStep, cpus: float, gpus: float) -> ActorPoolStrategy:
