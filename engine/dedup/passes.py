@@ -114,6 +114,9 @@ def _assigned_facts(assigned: ray.data.Dataset) -> tuple[dict[str, int], pa.Tabl
     """(skipped rows by reason, boundary memberships, primary rows assigned,
     clusters reached) from the small columns of the assignment."""
     tables = ray.get(assigned.select_columns(FACT_COLUMNS).to_arrow_refs())
+    # A read task whose fragment has no selected row (an incremental run's
+    # filter) can hand on an empty block in the read's own schema.
+    tables = [t for t in tables if t.num_rows]
     return assigned_facts(pa.concat_tables([DEDUP_ASSIGN_SCHEMA.empty_table().select(FACT_COLUMNS), *tables]))
 
 
