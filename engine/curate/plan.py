@@ -237,6 +237,17 @@ def encoder_threads(step: StageStep, node_cpus: float) -> StageStep:
     return dataclasses.replace(step, params={**step.params, "threads": cap})
 
 
+# Ray hides every GPU from a task that asks for none.
+NO_WORKER_GPU = "the transcode workers ask for no GPU (transcode.resources.num_gpus=0), so they see none"
+
+
+def on_transcode_workers(transcode: StageStep, choose: Any, requested: str) -> Any:
+    """`choose(requested)` run where the transcode workers run: a Ray task
+    with their GPU share, so it sees the GPU they will see."""
+    probe = ray.remote(num_gpus=transcode.num_gpus, num_cpus=0)(choose)
+    return ray.get(probe.remote(requested))
+
+
 def check_encoder(transcode: StageStep) -> EncoderChoice:
     """The encoder the transcode workers will get, found out before any
     video is decoded: probed where they run (a task with their GPU share), so
@@ -246,17 +257,16 @@ def check_encoder(transcode: StageStep) -> EncoderChoice:
     if requested == "libx264":
         return choose_encoder(requested)
     if transcode.num_gpus <= 0:
-        # Ray hides every GPU from a task that asks for none.
-        why = "the transcode workers ask for no GPU (transcode.resources.num_gpus=0), so they see none"
         if requested == "h264_nvenc":
-            raise EncoderUnavailable(f"transcode.encoder=h264_nvenc cannot run: {why}; set "
+            raise EncoderUnavailable(f"transcode.encoder=h264_nvenc cannot run: {NO_WORKER_GPU}; set "
                                      "transcode.resources.num_gpus (e.g. 0.25), or use libx264")
-        return EncoderChoice(requested, "libx264", f"NVENC unusable: {why}; encoding with libx264 on the CPUs")
-    probe = ray.remote(num_gpus=transcode.num_gpus, num_cpus=0)(choose_encoder)
-    return ray.get(probe.remote(requested))
+        return EncoderChoice(requested, "libx264",
+                             f"NVENC unusable: {NO_WORKER_GPU}; encoding with libx264 on the CPUs")
+    return on_transcode_workers(transcode, choose_encoder, requested)
 
 
 def _probe_decoder(requested: str) -> DecoderChoice:
+    # choose_decoder is lru_cached; Ray takes a plain function.
     return choose_decoder(requested)
 
 
@@ -270,11 +280,8 @@ def check_decoder(transcode: StageStep) -> DecoderChoice:
     if requested == "cpu":
         return choose_decoder(requested)
     if transcode.num_gpus <= 0:
-        # Ray hides every GPU from a task that asks for none.
-        why = "the transcode workers ask for no GPU (transcode.resources.num_gpus=0), so they see none"
         if requested == "nvdec":
-            raise NvdecUnavailable(f"transcode.decode=nvdec cannot run: {why}; set "
+            raise NvdecUnavailable(f"transcode.decode=nvdec cannot run: {NO_WORKER_GPU}; set "
                                    "transcode.resources.num_gpus (e.g. 0.02), or use decode=auto or cpu")
-        return DecoderChoice(requested, "cpu", f"NVDEC unusable: {why}; decoding on the CPUs")
-    probe = ray.remote(num_gpus=transcode.num_gpus, num_cpus=0)(_probe_decoder)
-    return ray.get(probe.remote(requested))
+        return DecoderChoice(requested, "cpu", f"NVDEC unusable: {NO_WORKER_GPU}; decoding on the CPUs")
+    return on_transcode_workers(transcode, _probe_decoder, requested)
