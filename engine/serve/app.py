@@ -58,7 +58,7 @@ from engine.search import SearchError, Searcher, UnknownClipError, sql_string
 from engine.search import open as open_searcher
 from engine.serve import duplicates as dup
 from engine.serve import mapview
-from engine.serve.columns import TableColumns
+from engine.serve.columns import TableColumns, finite_number
 from engine.serve.security import TOKEN_HEADER, BodyTooLarge, Guard, new_token
 from engine.serve.settings import ServeSettings, default_config, filter_settings
 from engine.serve.thresholds import Thresholds
@@ -137,13 +137,7 @@ class Filters:
         for column, (low, high) in (self.ranges or {}).items():
             for bound, op in ((low, ">="), (high, "<=")):
                 if bound:
-                    try:
-                        value = float(bound)
-                    except ValueError:
-                        raise SearchError(f"{column}: {bound!r} is not a number") from None
-                    if not math.isfinite(value):
-                        raise SearchError(f"{column}: {bound!r} is not a finite number")
-                    parts.append(f"{column} {op} {value!r}")
+                    parts.append(f"{column} {op} {finite_number(column, bound, SearchError)!r}")
         if self.where:
             parts.append(f"({self.where})")
         return " AND ".join(parts) or None

@@ -94,3 +94,14 @@ class TableColumns:
 
 def jsonable_values(values: list[Any]) -> list[Any]:
     return [None if isinstance(v, float) and not np.isfinite(v) else v for v in values]
+
+
+def finite_number(name: str, raw: str, error: type[ValueError] = ValueError) -> float:
+    """`raw` (a request parameter) as a finite float, else `error` naming `name`."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise error(f"{name}: {raw!r} is not a number") from None
+    if not np.isfinite(value):
+        raise error(f"{name}: {raw!r} is not a finite number")
+    return value

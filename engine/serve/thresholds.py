@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from engine.serve.columns import TableColumns
+from engine.serve.columns import TableColumns, finite_number
 from udfs.analysis.rules import Bound, FilterRule, setting
 
 HISTOGRAM_BINS = 40
@@ -150,13 +150,7 @@ class Thresholds:
                 if raw.lower() in ("", "null", "none"):
                     set_key(settings, key, None)
                 else:
-                    try:
-                        value = float(raw)
-                    except ValueError:
-                        raise ValueError(f"{key}: {raw!r} is not a number") from None
-                    if not np.isfinite(value):
-                        raise ValueError(f"{key}: {raw!r} is not a finite number")
-                    set_key(settings, key, value)
+                    set_key(settings, key, finite_number(key, raw))
         for key in self.gates():
             if key in params:
                 set_key(settings, key, str(params[key]))
