@@ -204,6 +204,20 @@ def synth_thumbnails(num_frames: int = 600, cut_every: int = 75, seed: int = 0):
 
 
 # ---------------------------------------------------------------- the checks
+def span_problem(clip: dict) -> str | None:
+    """What is wrong with a transcoded clip: its error, or frames (read from
+    the sample videos' barcodes) that are not exactly its span's."""
+    from engine.sample import read_frame_index
+    from udfs.media.video import decode_rgb_bytes
+
+    if clip["error"]:
+        return f"clip {clip['clip_index']}: {clip['error']}"
+    shown = [read_frame_index(f) for f in decode_rgb_bytes(clip["mp4"])]
+    if shown != list(range(clip["start_frame"], clip["end_frame"])):
+        return f"clip {clip['clip_index']} frames {shown[:3]}.. != span"
+    return None
+
+
 def check_nvenc_probe(work: Path) -> Row:
     """What transcode.encoder=auto picks here: a GPU without NVENC (A100,
     H100) is a result, not a failure."""
@@ -237,7 +251,7 @@ def check_nvenc_transcode(work: Path) -> Row:
     import numpy as np
     import pyarrow as pa
 
-    from engine.sample import read_frame_index, write_video
+    from engine.sample import write_video
     from udfs.media.probe import ProbeVideos
     from udfs.media.transcode import ClipTranscoder
     from udfs.media.video import decode_rgb, decode_rgb_bytes
@@ -266,12 +280,10 @@ def check_nvenc_transcode(work: Path) -> Row:
 
     problems = []
     for clip in gpu_clips:
+        if (problem := span_problem(clip)) is not None:
+            problems.append(problem)
         if clip["error"]:
-            problems.append(f"clip {clip['clip_index']}: {clip['error']}")
             continue
-        shown = [read_frame_index(f) for f in decode_rgb_bytes(clip["mp4"])]
-        if shown != list(range(clip["start_frame"], clip["end_frame"])):
-            problems.append(f"clip {clip['clip_index']} frames {shown[:3]}.. != span")
         with av.open(io.BytesIO(clip["mp4"])) as c:
             first = next(p for p in c.demux(c.streams.video[0]) if p.size)
             if not first.is_keyframe:
@@ -298,7 +310,7 @@ def check_nvdec_transcode(work: Path) -> Row:
     import numpy as np
     import pyarrow as pa
 
-    from engine.sample import read_frame_index, write_video
+    from engine.sample import write_video
     from udfs.media import nvdec
     from udfs.media.probe import ProbeVideos
     from udfs.media.transcode import ClipTranscoder
@@ -339,13 +351,7 @@ def check_nvdec_transcode(work: Path) -> Row:
     gpu_spans = [(c["start_frame"], c["end_frame"]) for c in gpu_clips]
     if gpu_spans != [(c["start_frame"], c["end_frame"]) for c in cpu_clips]:
         problems.append(f"spans {gpu_spans} differ from the CPU path's")
-    for clip in gpu_clips:
-        if clip["error"]:
-            problems.append(f"clip {clip['clip_index']}: {clip['error']}")
-            continue
-        shown = [read_frame_index(f) for f in decode_rgb_bytes(clip["mp4"])]
-        if shown != list(range(clip["start_frame"], clip["end_frame"])):
-            problems.append(f"clip {clip['clip_index']} frames {shown[:3]}.. != span")
+    problems += [p for p in map(span_problem, gpu_clips) if p is not None]
     # The decoders themselves: NVDEC's frames (through the transcode's own
     # NvdecFrames) against PyAV's, plane by plane. H.264 decode is bit-exact,
     # so any difference is a conversion bug, not rounding.
