@@ -138,26 +138,23 @@ class Client:
         self.token = token
 
     def get(self, path: str) -> tuple[float, dict[str, Any]]:
-        started = time.perf_counter()
-        self.conn.request("GET", path)
-        resp = self.conn.getresponse()
-        body = resp.read()
-        took = (time.perf_counter() - started) * 1000
-        if resp.status != 200:
-            raise RuntimeError(f"GET {path}: {resp.status} {body[:300]!r}")
-        return took, json.loads(body)
+        return self._send("GET", path)
 
     def post(self, path: str, payload: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-        data = json.dumps(payload).encode()
+        return self._send("POST", path, json.dumps(payload).encode(),
+                          {"Content-Type": "application/json", "X-Reelsift-Token": self.token})
+
+    def _send(self, method: str, path: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None) -> tuple[float, dict[str, Any]]:
+        """(milliseconds to the whole answer, its JSON)."""
         started = time.perf_counter()
-        self.conn.request("POST", path, body=data, headers={"Content-Type": "application/json",
-                                                           "X-Reelsift-Token": self.token})
+        self.conn.request(method, path, body=body, headers=headers or {})
         resp = self.conn.getresponse()
-        body = resp.read()
+        answer = resp.read()
         took = (time.perf_counter() - started) * 1000
         if resp.status != 200:
-            raise RuntimeError(f"POST {path}: {resp.status} {body[:300]!r}")
-        return took, json.loads(body)
+            raise RuntimeError(f"{method} {path}: {resp.status} {answer[:300]!r}")
+        return took, json.loads(answer)
 
     def close(self) -> None:
         self.conn.close()

@@ -90,12 +90,17 @@ def across(tmp_path_factory, ray_session):
     return x, group, out
 
 
+def verdicts(t):
+    """(duplicate flags, the vectors, each row's planted group) of a deduped table."""
+    duplicate = np.asarray(t.column("duplicate").to_pylist())
+    xs = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return duplicate, xs, t.column("planted_group").to_numpy()
+
+
 def test_pairs_across_a_boundary_are_found_and_groups_keep_one(across):
     x, group, out = across
     t = out["components_rows"]
-    duplicate = np.asarray(t.column("duplicate").to_pylist())
-    xs = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    g = t.column("planted_group").to_numpy()
+    duplicate, xs, g = verdicts(t)
     i, j = all_pairs(xs)
     assert len(i) >= 40 + 2 * 15
     assert (duplicate[i] | duplicate[j]).all()  # pair recall 1.0 against exact all-pairs
@@ -115,9 +120,7 @@ def test_semdedup_mode_misses_them_as_nemo_does(across):
     never compared and chains stay open, so some groups keep two."""
     x, group, out = across
     t = out["semdedup_rows"]
-    duplicate = np.asarray(t.column("duplicate").to_pylist())
-    xs = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    g = t.column("planted_group").to_numpy()
+    duplicate, xs, g = verdicts(t)
     i, j = all_pairs(xs)
     recall = (duplicate[i] | duplicate[j]).mean()
     kept = np.bincount(g[(g >= 0) & ~duplicate], minlength=g.max() + 1)
