@@ -51,7 +51,7 @@ def applied_keys(settings: dict[str, dict[str, Any]], rules: tuple[FilterRule, .
 
 def active_keys(rule: FilterRule, settings: dict[str, dict[str, Any]]) -> list[str]:
     """The threshold keys of `rule` that are set (none while its gate is shut)."""
-    if rule.gate is not None and setting(settings, rule.gate[0]) != rule.gate[1]:
+    if not rule.judges(settings):
         return []
     return [k for k in (*(b.key for b in rule.bounds), *rule.extra_keys) if setting(settings, k) not in (None, [], ())]
 

@@ -159,9 +159,6 @@ class Thresholds:
                 set_key(settings, key, parse_check_value(key, str(params[key]), setting(self.base, key)))
         return settings
 
-    def _gate_on(self, rule: FilterRule, settings: Mapping[str, Any]) -> bool:
-        return rule.gate is None or setting(settings, rule.gate[0]) == rule.gate[1]
-
     def _check_fails(self, rule: FilterRule, settings: Mapping[str, Any]) -> np.ndarray:
         """The rows `rule.check` fails, cached per value of its keys. The
         check is a Python function of a row, so it is called once per
@@ -193,7 +190,7 @@ class Thresholds:
 
     def _rule_fails(self, rule: FilterRule, settings: Mapping[str, Any], skip: Bound | None = None) -> np.ndarray:
         n = len(self.ok)
-        if not self._gate_on(rule, settings):
+        if not rule.judges(settings):
             return np.zeros(n, dtype=bool)
         active = [(b, setting(settings, b.key)) for b in rule.bounds]
         active = [(b, float(t)) for b, t in active if t is not None]
@@ -268,7 +265,7 @@ class Thresholds:
         for rule in self.rules:
             keep &= ~self._rule_fails_cached(rule, settings, slider.bound if rule is slider.rule else None)
         v = self.vals[slider.bound.column]
-        judged = keep & ~np.isnan(v) & self._gate_on(slider.rule, settings)
+        judged = keep & ~np.isnan(v) & slider.rule.judges(settings)
         free = keep & ~judged
         # The column's rows sorted once; here only those judged are picked out (no sort).
         by_value = self._order_of(slider.bound.column)
@@ -353,7 +350,7 @@ class Thresholds:
             "sliders": [{"key": s.bound.key, "column": s.bound.column, "rule": s.rule.name, "fails": s.bound.fails,
                          "value": setting(settings, s.bound.key),
                          "gate": list(s.rule.gate) if s.rule.gate else None,
-                         "judging": self._gate_on(s.rule, settings)} for s in self.sliders],
+                         "judging": s.rule.judges(settings)} for s in self.sliders],
             "command": self.command(output, settings),
         }
         if focus is not None:

@@ -73,8 +73,12 @@ class FilterRule:
         gate = (self.gate[0],) if self.gate else ()
         return tuple(dict.fromkeys([*gate, *(b.key for b in self.bounds), *self.extra_keys]))
 
+    def judges(self, settings: Settings) -> bool:
+        """Whether the rule judges at all under `settings` (its gate, if any, is open)."""
+        return self.gate is None or setting(settings, self.gate[0]) == self.gate[1]
+
     def reason(self, row: Mapping[str, Any], settings: Settings) -> str | None:
-        if self.gate is not None and setting(settings, self.gate[0]) != self.gate[1]:
+        if not self.judges(settings):
             return None
         parts: list[str] = []
         active = [(b, setting(settings, b.key)) for b in self.bounds]
